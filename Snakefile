@@ -1,0 +1,21 @@
+# eagle-snakemake: EAGLE (CHIEF-selected tiles embedded by Virchow2) as a restartable workflow.
+# This file is the table of contents; helpers live in rules/common.smk, logic in scripts/eagleflow.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/tiling.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,140 @@
+"""Every on-disk format of the workflow, written atomically and validated on read.
+
+A file that exists under its final name is complete: writers put data under a temporary name in the
+same directory and rename it at the end (`os.replace` is atomic on POSIX file systems).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+TILES_FORMAT = "eagleflow.tiles/1"
+
+
+class FormatError(ValueError):
+    """A file does not have the layout its stage promises."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it to `path`, on failure delete it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp.{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _attr_value(value: Any) -> Any:
+    """HDF5 attributes hold numbers and strings; everything else is stored as JSON text."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def write_h5(
+    path: str | os.PathLike[str],
+    datasets: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write datasets and attributes to `path` atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for name, array in datasets.items():
+            h5.create_dataset(name, data=array)
+        for key, value in attrs.items():
+            h5.attrs[key] = _attr_value(value)
+
+
+def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with h5py.File(path, "r") as h5:
+        return {
+            key: value.decode() if isinstance(value, bytes) else value
+            for key, value in h5.attrs.items()
+        }
+
+
+def write_tiles(path: str | os.PathLike[str], table: Any, provenance: Mapping[str, Any]) -> None:
+    """Write a tiling.TileTable: coords (N, 2) int64 level-0 (x, y), plus per-tile scores."""
+    info, params = table.info, table.params
+    attrs: dict[str, Any] = {
+        "format": TILES_FORMAT,
+        "slide_id": table.slide_id,
+        "slide_path": info.path,
+        "slide_width": info.width,
+        "slide_height": info.height,
+        "slide_vendor": info.vendor,
+        "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "mpp_warning": info.mpp_warning,
+        "coord_unit": "level-0 pixels",
+        "coord_order": "x,y (top-left corner), rows sorted by y then x",
+        "tile_px": params.tile_px,
+        "tile_mpp": params.tile_mpp,
+        "tile_size_um": params.tile_px * params.tile_mpp,
+        "tile_size_level0_px": table.tile_size_level0,
+        "effective_mpp": table.effective_mpp,
+        "read_level": table.read_level,
+        "read_level_downsample": info.level_downsamples[table.read_level],
+        "resample_filter": "cv2.INTER_AREA (INTER_CUBIC if upsampling)",
+        "n_grid": table.n_grid,
+        "n_tissue": len(table.coords) + len(table.rejected_coords),
+        "n_edge_rejected": len(table.rejected_coords),
+        "n_tiles": len(table.coords),
+        **provenance,
+    }
+    write_h5(
+        path,
+        {
+            "coords": table.coords.astype(np.int64).reshape(-1, 2),
+            "tissue_fraction": table.tissue_fraction.astype(np.float32),
+            "edge_fraction": table.edge_fraction.astype(np.float32),
+        },
+        attrs,
+    )
+
+
+def read_tiles(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Return (coords, attrs) of a tiles file, checking its format first."""
+    validate_tiles(path)
+    with h5py.File(path, "r") as h5:
+        coords = h5["coords"][:]
+    return coords, read_attrs(path)
+
+
+def validate_tiles(path: str | os.PathLike[str]) -> None:
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != TILES_FORMAT:
+                raise FormatError(f"{path}: not an eagleflow tiles file (format attribute missing)")
+            coords = h5["coords"]
+            n = coords.shape[0]
+            if coords.ndim != 2 or coords.shape[1] != 2 or coords.dtype != np.int64:
+                raise FormatError(f"{path}: coords must be (N, 2) int64, got {coords.shape}")
+            for name in ("tissue_fraction", "edge_fraction"):
+                if h5[name].shape != (n,):
+                    raise FormatError(f"{path}: {name} must have shape ({n},)")
+            if int(h5.attrs["n_tiles"]) != n:
+                raise FormatError(f"{path}: n_tiles attribute disagrees with coords")
+    except (OSError, KeyError) as err:
+        raise FormatError(f"{path}: unreadable or incomplete tiles file ({err})") from err

@@ -1,0 +1,200 @@
+"""Read and validate the slide sheet and the clinical table; every error names file, row and column.
+
+Row numbers in messages are line numbers of the file (the header is line 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# Ids become file names and wildcards: letters, digits, '.', '_' and '-' only, never a leading
+# '.' or '-', so no id can reach a shell or a path unquoted.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_ID_RE = re.compile(ID_PATTERN)
+
+SLIDE_REQUIRED = ("PATIENT", "SLIDE", "PATH")
+SLIDE_OPTIONAL = ("MPP", "COHORT")
+DEFAULT_COHORT = "default"
+
+
+class SheetError(ValueError):
+    """The slide sheet or the clinical table is wrong; the message lists every problem found."""
+
+
+def _read_table(path: str | os.PathLike[str], what: str) -> pd.DataFrame:
+    """CSV or TSV (by extension; '.tsv'/'.txt' are tab-separated), every cell read as text."""
+    path = Path(path)
+    if not path.is_file():
+        raise SheetError(f"{what} {path}: file not found. Set its path in the config.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SheetError(
+            f"{what} {path}: line {line} is not valid UTF-8 (byte offset {err.start}). Save the "
+            "file as UTF-8 (e.g. 'Save as CSV UTF-8' in a spreadsheet program)."
+        ) from err
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    if not text.strip():
+        raise SheetError(
+            f"{what} {path}: the file is empty; it needs a header and one row or more."
+        )
+    try:
+        table = pd.read_csv(
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL
+        )
+    except (pd.errors.ParserError, csv.Error) as err:
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise SheetError(f"{what} {path}: cannot be parsed as {kind} ({err})") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda column: column.str.strip())
+
+
+def _line(index: int) -> int:
+    return int(index) + 2  # header is line 1
+
+
+def _check_ids(
+    table: pd.DataFrame, column: str, what: str, path: Path, problems: list[str]
+) -> None:
+    for index, value in table[column].items():
+        if value == "":
+            problems.append(f"line {_line(index)}, column {column}: empty")
+        elif not _ID_RE.fullmatch(value):
+            problems.append(
+                f"line {_line(index)}, column {column}: {value!r} has characters other than "
+                "letters, digits, '.', '_' and '-' (or starts with '.'/'-'); rename it"
+            )
+
+
+def _raise(what: str, path: Path, problems: list[str]) -> None:
+    if problems:
+        shown = "\n  - ".join(problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise SheetError(f"{what} {path} has {len(problems)} problem(s):\n  - {shown}{more}")
+
+
+def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> pd.DataFrame:
+    """Validated slide sheet indexed by SLIDE, with PATH resolved and MPP as float (NaN if absent).
+
+    PATH may be absolute or relative to the sheet's own directory.
+    """
+    path = Path(path)
+    what = "slide sheet"
+    table = _read_table(path, what)
+    problems: list[str] = []
+    missing = [c for c in SLIDE_REQUIRED if c not in table.columns]
+    unknown = [c for c in table.columns if c not in SLIDE_REQUIRED + SLIDE_OPTIONAL]
+    if missing:
+        problems.append(f"missing column(s) {missing}; required are {list(SLIDE_REQUIRED)}")
+    if unknown:
+        problems.append(
+            f"unknown column(s) {unknown}; allowed are {list(SLIDE_REQUIRED + SLIDE_OPTIONAL)} "
+            "(put labels in the clinical table)"
+        )
+    _raise(what, path, problems)
+    if table.empty:
+        raise SheetError(f"{what} {path}: no slides (only a header). Add one row per slide.")
+    for column in ("PATIENT", "SLIDE"):
+        _check_ids(table, column, what, path, problems)
+    duplicated = table["SLIDE"][table["SLIDE"].duplicated(keep=False) & (table["SLIDE"] != "")]
+    for slide_id, rows in duplicated.groupby(duplicated).groups.items():
+        lines = ", ".join(str(_line(i)) for i in rows)
+        problems.append(f"SLIDE {slide_id!r} appears on lines {lines}; slide ids must be unique")
+    if "COHORT" not in table.columns:
+        table["COHORT"] = DEFAULT_COHORT
+    table.loc[table["COHORT"] == "", "COHORT"] = DEFAULT_COHORT
+    _check_ids(table, "COHORT", what, path, problems)
+    mpp = pd.Series(math.nan, index=table.index)
+    if "MPP" in table.columns:
+        for index, value in table["MPP"].items():
+            if value == "":
+                continue
+            try:
+                mpp[index] = float(value)
+            except ValueError:
+                problems.append(f"line {_line(index)}, column MPP: {value!r} is not a number")
+                continue
+            if not 0 < mpp[index] < 100:
+                problems.append(
+                    f"line {_line(index)}, column MPP: {value} is not in (0, 100) µm/px"
+                )
+    table["MPP"] = mpp
+    resolved = []
+    for index, value in table["PATH"].items():
+        slide_path = Path(value) if os.path.isabs(value) else (path.parent / value)
+        resolved.append(str(slide_path.resolve()) if value else "")
+        if value == "":
+            problems.append(f"line {_line(index)}, column PATH: empty")
+        elif check_paths and not slide_path.is_file():
+            problems.append(
+                f"line {_line(index)}, column PATH: {value!r} does not exist ({slide_path})"
+            )
+        elif check_paths and not os.access(slide_path, os.R_OK):
+            problems.append(f"line {_line(index)}, column PATH: {value!r} is not readable")
+    table["PATH"] = resolved
+    _raise(what, path, problems)
+    return table.set_index("SLIDE", drop=False)
+
+
+def read_clinical_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Validated clinical table indexed by PATIENT; label cells stay text ('' = missing)."""
+    path = Path(path)
+    what = "clinical table"
+    table = _read_table(path, what)
+    problems: list[str] = []
+    if "PATIENT" not in table.columns:
+        _raise(what, path, [f"missing column 'PATIENT' (columns are {list(table.columns)})"])
+    if table.empty:
+        raise SheetError(f"{what} {path}: no patients (only a header). Add one row per patient.")
+    _check_ids(table, "PATIENT", what, path, problems)
+    duplicated = table["PATIENT"][table["PATIENT"].duplicated(keep=False)]
+    for patient, rows in duplicated.groupby(duplicated).groups.items():
+        lines = ", ".join(str(_line(i)) for i in rows)
+        problems.append(f"PATIENT {patient!r} appears on lines {lines}; one row per patient")
+    _raise(what, path, problems)
+    return table.set_index("PATIENT", drop=False)
+
+
+def check_sheets_agree(
+    slides: pd.DataFrame,
+    clinical: pd.DataFrame,
+    slide_sheet: str | os.PathLike[str],
+    clinical_table: str | os.PathLike[str],
+    allow_patients_without_slides: bool = False,
+) -> None:
+    """Every slide's patient has a clinical row; every clinical patient has slides (unless allowed)."""
+    problems: list[str] = []
+    no_row = sorted(set(slides["PATIENT"]) - set(clinical["PATIENT"]))
+    if no_row:
+        problems.append(
+            f"patients in the slide sheet {slide_sheet} without a row in the clinical table "
+            f"{clinical_table}: {no_row[:20]}{' ...' if len(no_row) > 20 else ''}. Add a row for "
+            "each (labels may be empty)."
+        )
+    no_slides = sorted(set(clinical["PATIENT"]) - set(slides["PATIENT"]))
+    if no_slides:
+        message = (
+            f"patients in the clinical table {clinical_table} without slides in {slide_sheet}: "
+            f"{no_slides[:20]}{' ...' if len(no_slides) > 20 else ''}"
+        )
+        if allow_patients_without_slides:
+            log.warning("%s (ignored: sheets.allow_patients_without_slides is true)", message)
+        else:
+            problems.append(
+                message + ". Remove their rows, add their slides, or set "
+                "sheets.allow_patients_without_slides: true."
+            )
+    if problems:
+        raise SheetError("the sheets disagree:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,240 @@
+"""Open a whole-slide image, find its MPP and where it came from, choose pyramid levels, read tiles."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+
+log = logging.getLogger(__name__)
+
+# A level counts as "at or finer than" the target if its MPP exceeds the target by at most this factor;
+# pyramids store downsamples like 3.9998 for 4, which must not push us to a finer level.
+LEVEL_TOLERANCE = 1.01
+
+CM_PER_INCH = 2.54
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be used; the message names the slide and says what to do."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What the workflow needs to know about a slide, with the MPP's provenance."""
+
+    path: str
+    width: int
+    height: int
+    mpp: float
+    mpp_source: str
+    mpp_warning: str
+    level_count: int
+    level_downsamples: tuple[float, ...]
+    level_dimensions: tuple[tuple[int, int], ...]
+    vendor: str
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+
+def open_slide(path: str | os.PathLike[str], slide_id: str = "") -> openslide.OpenSlide:
+    """Open a slide with OpenSlide, turning every failure into a SlideError that says what to do."""
+    label = f"slide {slide_id!r} ({path})" if slide_id else f"slide {path}"
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(
+            f"{label}: file not found. Fix PATH in the slide sheet or restore the file."
+        )
+    if path.stat().st_size == 0:
+        raise SlideError(f"{label}: file is empty (0 bytes). Re-copy the slide from its source.")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as err:
+        raise SlideError(
+            f"{label}: not a slide format OpenSlide can read ({err}). Convert it to a pyramidal "
+            "TIFF/SVS or remove it from the slide sheet."
+        ) from err
+    except openslide.OpenSlideError as err:
+        raise SlideError(
+            f"{label}: OpenSlide could not read it ({err}); the file may be truncated or corrupt. "
+            "Re-copy the slide from its source."
+        ) from err
+
+
+def _mpp_from_tiff_resolution(props: dict[str, str]) -> float | None:
+    """MPP from TIFF XResolution/ResolutionUnit, as many generic TIFF writers record it."""
+    unit = props.get("tiff.ResolutionUnit", "").lower()
+    try:
+        resolution = float(props["tiff.XResolution"])
+    except (KeyError, ValueError):
+        return None
+    if resolution <= 0:
+        return None
+    if unit == "centimeter":
+        return 1e4 / resolution
+    if unit == "inch":
+        return CM_PER_INCH * 1e4 / resolution
+    return None  # "none" or unknown: the numbers carry no physical unit
+
+
+def _mpp_from_description(props: dict[str, str]) -> float | None:
+    """Aperio-style `MPP = 0.25` or `<PixelSizeMicrons>` in the image description."""
+    description = props.get("tiff.ImageDescription", "")
+    match = re.search(r"MPP\s*=\s*([0-9.]+)", description) or re.search(
+        r"<PixelSizeMicrons>\s*([0-9.]+)", description
+    )
+    if not match:
+        return None
+    try:
+        return float(match.group(1))
+    except ValueError:
+        return None
+
+
+def resolve_mpp(
+    props: dict[str, str],
+    sheet_mpp: float | None,
+    default_mpp: float | None,
+    label: str,
+) -> tuple[float, str, str]:
+    """Return (mpp, source, warning).
+
+    Order: the sheet's MPP column (an explicit override) > OpenSlide's `openslide.mpp-x` > the TIFF
+    description or resolution tags > the config's `default_mpp` (with a warning) > SlideError.
+    """
+    if sheet_mpp is not None and not math.isnan(sheet_mpp):
+        return float(sheet_mpp), "sheet MPP column", ""
+    try:
+        mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
+        mpp_y = float(props.get(openslide.PROPERTY_NAME_MPP_Y, mpp_x))
+    except (KeyError, ValueError):
+        mpp_x = mpp_y = math.nan
+    if mpp_x > 0:
+        warning = ""
+        if abs(mpp_x - mpp_y) / mpp_x > 0.01:
+            warning = f"non-square pixels (mpp-x {mpp_x}, mpp-y {mpp_y}); using mpp-x"
+        return mpp_x, "openslide.mpp-x", warning
+    for source, finder in (
+        ("tiff.ImageDescription", _mpp_from_description),
+        ("tiff.XResolution", _mpp_from_tiff_resolution),
+    ):
+        value = finder(props)
+        if value is not None and value > 0:
+            return value, source, ""
+    if default_mpp is not None:
+        warning = f"no MPP in the slide or the sheet; assumed tiling.default_mpp = {default_mpp}"
+        log.warning("%s: %s", label, warning)
+        return float(default_mpp), "config tiling.default_mpp", warning
+    raise SlideError(
+        f"{label}: no MPP (microns per pixel) in the slide's metadata or the sheet. Add an MPP column "
+        "value for this slide to the slide sheet, or set tiling.default_mpp in the config."
+    )
+
+
+def slide_info(
+    slide: openslide.OpenSlide,
+    path: str | os.PathLike[str],
+    slide_id: str,
+    sheet_mpp: float | None = None,
+    default_mpp: float | None = None,
+) -> SlideInfo:
+    props = dict(slide.properties)
+    label = f"slide {slide_id!r} ({path})"
+    mpp, source, warning = resolve_mpp(props, sheet_mpp, default_mpp, label)
+    width, height = slide.dimensions
+    return SlideInfo(
+        path=str(path),
+        width=int(width),
+        height=int(height),
+        mpp=mpp,
+        mpp_source=source,
+        mpp_warning=warning,
+        level_count=slide.level_count,
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
+        vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+    )
+
+
+def best_level(info: SlideInfo, target_mpp: float) -> int:
+    """The coarsest pyramid level whose MPP is at or finer than `target_mpp` (level 0 if none is)."""
+    fine_enough = [
+        level
+        for level in range(info.level_count)
+        if info.level_mpp(level) <= target_mpp * LEVEL_TOLERANCE
+    ]
+    return max(fine_enough, key=lambda level: info.level_downsamples[level], default=0)
+
+
+def level0_tile_size(mpp: float, tile_px: int, tile_mpp: float) -> int:
+    """Level-0 side of a tile that covers `tile_px * tile_mpp` microns, rounded to whole pixels."""
+    return max(1, round(tile_px * tile_mpp / mpp))
+
+
+def rgba_to_rgb(region: np.ndarray) -> np.ndarray:
+    """Composite OpenSlide's premultiplied RGBA on white (transparent = outside the scanned area)."""
+    rgb = region[..., :3].astype(np.uint16)
+    alpha = region[..., 3:4].astype(np.uint16)
+    return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+
+
+def read_tile(
+    slide: openslide.OpenSlide,
+    info: SlideInfo,
+    x: int,
+    y: int,
+    size_level0: int,
+    level: int,
+    tile_px: int,
+) -> np.ndarray:
+    """Read the level-0 box (x, y, size_level0) from `level` and resample it to tile_px (RGB uint8).
+
+    The filter is cv2.INTER_AREA (pixel-area averaging) when shrinking and INTER_CUBIC when the
+    chosen level is coarser than the target (only when the slide has no finer level).
+    """
+    downsample = info.level_downsamples[level]
+    size_level = max(1, round(size_level0 / downsample))
+    region = np.asarray(slide.read_region((int(x), int(y)), level, (size_level, size_level)))
+    rgb = rgba_to_rgb(region)
+    if size_level == tile_px:
+        return rgb
+    interpolation = cv2.INTER_AREA if size_level > tile_px else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (tile_px, tile_px), interpolation=interpolation)
+
+
+def read_level_downscaled(
+    slide: openslide.OpenSlide,
+    info: SlideInfo,
+    level: int,
+    scale: float,
+    chunk: int = 4096,
+) -> np.ndarray:
+    """Read a whole level in chunks and shrink each by `scale` (< 1), so memory stays bounded."""
+    level_w, level_h = info.level_dimensions[level]
+    downsample = info.level_downsamples[level]
+    out_w, out_h = max(1, round(level_w * scale)), max(1, round(level_h * scale))
+    out = np.full((out_h, out_w, 3), 255, dtype=np.uint8)
+    for top in range(0, level_h, chunk):
+        for left in range(0, level_w, chunk):
+            w, h = min(chunk, level_w - left), min(chunk, level_h - top)
+            region = np.asarray(
+                slide.read_region(
+                    (round(left * downsample), round(top * downsample)), level, (w, h)
+                )
+            )
+            x0, y0 = round(left * scale), round(top * scale)
+            x1, y1 = min(out_w, round((left + w) * scale)), min(out_h, round((top + h) * scale))
+            if x1 <= x0 or y1 <= y0:
+                continue
+            out[y0:y1, x0:x1] = cv2.resize(
+                rgba_to_rgb(region), (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA
+            )
+    return out

@@ -1,0 +1,16 @@
+"""Rule tiling_tile_slide: slide -> tiles H5 + QC thumbnail."""
+
+from eagleflow.logutil import run_rule
+from eagleflow.tiling import run_tiling
+
+run_rule(
+    snakemake.log[0],
+    run_tiling,
+    slide_path=snakemake.input.slide,
+    slide_id=snakemake.wildcards.slide,
+    params=dict(snakemake.params.tiling),
+    sheet_mpp=snakemake.params.sheet_mpp,
+    tiles_h5=snakemake.output.tiles,
+    qc_png=snakemake.output.qc,
+    threads=snakemake.threads,
+)

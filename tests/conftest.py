@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny pyramidal TIFFs written on the fly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_pyramid(
+    path: Path,
+    image: np.ndarray,
+    mpp: float | None,
+    downsamples: tuple[int, ...] = (1, 4, 16),
+) -> Path:
+    """A tiled JPEG generic TIFF; MPP (if given) in the resolution tags, as OpenSlide reads it."""
+    with tifffile.TiffWriter(path) as tiff:
+        for i, factor in enumerate(downsamples):
+            level = (
+                image
+                if factor == 1
+                else cv2.resize(
+                    image,
+                    (image.shape[1] // factor, image.shape[0] // factor),
+                    interpolation=cv2.INTER_AREA,
+                )
+            )
+            extra = {}
+            if mpp is not None:
+                extra = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"}
+            tiff.write(
+                level,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=0 if i == 0 else 1,
+                **extra,
+            )
+    return path
+
+
+def tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """White background with one textured pink-purple block in the middle third."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), 245, dtype=np.uint8)
+    y0, y1, x0, x1 = height // 3, 2 * height // 3, width // 3, 2 * width // 3
+    # blocky noise ~ 8 level-0 px per cell, so texture survives the 4x downsampling to 2 µm/px
+    cells = rng.integers(0, 90, size=((y1 - y0) // 8 + 1, (x1 - x0) // 8 + 1), dtype=np.uint8)
+    noise = np.repeat(np.repeat(cells, 8, axis=0), 8, axis=1)[: y1 - y0, : x1 - x0, None]
+    block = np.array([200, 120, 190]) - noise * np.array([0.6, 1.0, 0.5])
+    image[y0:y1, x0:x1] = block.clip(0, 255).astype(np.uint8)
+    return image
+
+
+@pytest.fixture
+def make_slide(tmp_path: Path) -> Callable[..., Path]:
+    def make(
+        name: str = "s.tif",
+        width: int = 4096,
+        height: int = 3072,
+        mpp: float | None = 0.5,
+        downsamples: tuple[int, ...] = (1, 4, 16),
+        image: np.ndarray | None = None,
+    ) -> Path:
+        pixels = tissue_image(width, height) if image is None else image
+        return write_pyramid(tmp_path / name, pixels, mpp, downsamples)
+
+    return make
