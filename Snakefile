@@ -13,9 +13,17 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/tiling.smk"
+include: "rules/features.smk"
+include: "rules/attention.smk"
+include: "rules/eagle.smk"
+
+
+localrules:
+    all,
+    embeddings_collect,
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
-    default_target: True

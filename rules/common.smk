@@ -12,7 +12,8 @@ from eagleflow.sheets import (  # noqa: E402
     read_clinical_table,
     read_slide_sheet,
 )
-from eagleflow.models.registry import check_weights_config  # noqa: E402
+from eagleflow.batches import assign_batches, batch_of  # noqa: E402
+from eagleflow.weights import check_weights_config  # noqa: E402
 
 validate(config, schema="../config/schemas/config.schema.yaml", set_default=True)
 
@@ -27,12 +28,17 @@ check_sheets_agree(
 )
 # Missing weight files fail here, before any slide is touched.
 WEIGHTS = check_weights_config(config["models"])
+# GPU stages run per batch of slides (one model load per job); a slide's batch hashes its id.
+N_BATCHES = config["features"]["n_batches"]
+BATCH_SLIDES = assign_batches(SLIDES.index, N_BATCHES)
+BATCHES = list(BATCH_SLIDES)
 
 
 wildcard_constraints:
     slide=ID_PATTERN,
     patient=ID_PATTERN,
     cohort=ID_PATTERN,
+    batch="b[0-9]{4}",
 
 
 def slide_path(wildcards):
@@ -45,8 +51,66 @@ def sheet_mpp(wildcards):
     return None if value != value else float(value)
 
 
+def batch_inputs(pattern):
+    """Input function: `pattern` for every slide of the job's batch."""
+
+    def inputs(wildcards):
+        return expand(pattern, slide=BATCH_SLIDES[wildcards.batch])
+
+    return inputs
+
+
+def batch_params(**patterns):
+    """Params function: per slide of the batch its id, slide path and the given file paths."""
+
+    def params(wildcards):
+        return [
+            {
+                "slide_id": slide,
+                "slide_path": SLIDES.at[slide, "PATH"],
+                **{
+                    key: pattern.format(slide=slide)
+                    for key, pattern in patterns.items()
+                },
+            }
+            for slide in BATCH_SLIDES[wildcards.batch]
+        ]
+
+    return params
+
+
+def slide_batch_file(pattern):
+    """Input function: `pattern` filled with the batch of the job's slide."""
+
+    def inputs(wildcards):
+        return pattern.format(batch=batch_of(wildcards.slide, N_BATCHES))
+
+    return inputs
+
+
+def eagle_params():
+    """Everything that changes the Virchow2 top-k stage, plus how it runs."""
+    eagle = config["eagle"]
+    return {
+        "top_k": eagle["top_k"],
+        "reference_transpose": eagle["reference_transpose"],
+        "batch_size": eagle["batch_size"],
+        "device": config["features"]["device"],
+        "num_workers": config["features"]["num_workers"],
+    }
+
+
+def sheet_rows():
+    return [
+        {"slide_id": slide, "patient": row.PATIENT, "cohort": row.COHORT}
+        for slide, row in SLIDES.iterrows()
+    ]
+
+
 def final_outputs():
     slides = SLIDES["SLIDE"]
-    return expand("results/tiles/{slide}.h5", slide=slides) + expand(
-        "results/qc/tiles/{slide}.png", slide=slides
+    return (
+        expand("results/qc/tiles/{slide}.png", slide=slides)
+        + expand("results/qc/topk/{slide}.png", slide=slides)
+        + ["results/embeddings/slides.h5", "results/embeddings/patients.h5"]
     )

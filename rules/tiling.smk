@@ -15,12 +15,12 @@ rule tiling_tile_slide:
         "benchmarks/tiling/{slide}.tsv"
     conda:
         "../envs/slides.yaml"
-    params:
-        tiling=config["tiling"],
-        sheet_mpp=sheet_mpp,
     threads: 2
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        tiling=config["tiling"],
+        sheet_mpp=sheet_mpp,
     script:
         "../scripts/tiling_tile_slide.py"

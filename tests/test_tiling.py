@@ -100,5 +100,5 @@ def test_truncated_tiles_file_is_rejected(make_slide, tmp_path):
         validate_tiles(out)
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["coords"] = np.zeros((2, 2), dtype=np.int64)
-    with pytest.raises(FormatError, match="not an eagleflow tiles file"):
+    with pytest.raises(FormatError, match=r"not a eagleflow\.tiles/1 file"):
         validate_tiles(tmp_path / "other.h5")

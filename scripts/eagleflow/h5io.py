@@ -7,6 +7,7 @@ same directory and rename it at the end (`os.replace` is atomic on POSIX file sy
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -16,10 +17,16 @@ from typing import Any
 import h5py
 import numpy as np
 
+from eagleflow.errors import EagleflowError
+
 TILES_FORMAT = "eagleflow.tiles/1"
+FEATURES_FORMAT = "eagleflow.features/1"
+ATTENTION_FORMAT = "eagleflow.attention/1"
+TOPK_FORMAT = "eagleflow.topk/1"
+EMBEDDINGS_FORMAT = "eagleflow.embeddings/1"
 
 
-class FormatError(ValueError):
+class FormatError(EagleflowError, ValueError):
     """A file does not have the layout its stage promises."""
 
 
@@ -53,17 +60,68 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def content_digest(datasets: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over dataset names, dtypes, shapes and bytes: what a downstream stage depends on."""
+    digest = hashlib.sha256()
+    for name in sorted(datasets):
+        array = np.ascontiguousarray(datasets[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def write_h5(
     path: str | os.PathLike[str],
     datasets: Mapping[str, np.ndarray],
     attrs: Mapping[str, Any],
-) -> None:
-    """Write datasets and attributes to `path` atomically."""
+) -> str:
+    """Write datasets and attributes to `path` atomically; return the content digest it records."""
+    digest = content_digest(datasets)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         for name, array in datasets.items():
             h5.create_dataset(name, data=array)
         for key, value in attrs.items():
             h5.attrs[key] = _attr_value(value)
+        h5.attrs["content_sha256"] = digest
+    return digest
+
+
+def read_h5(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All datasets and attributes of a (small) file."""
+    with h5py.File(path, "r") as h5:
+        data = {name: h5[name][()] for name in h5}
+    return data, read_attrs(path)
+
+
+def validate_h5(
+    path: str | os.PathLike[str], fmt: str, shapes: Mapping[str, tuple[int | str | None, ...]]
+) -> dict[str, Any]:
+    """Check format and dataset shapes; a shape entry may be an int, a shared name ("N"), or None.
+
+    Returns the attributes. Raises FormatError for anything a later stage should not trust.
+    """
+    sizes: dict[str, int] = {}
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != fmt:
+                raise FormatError(f"{path}: not a {fmt} file (format {h5.attrs.get('format')!r})")
+            if "content_sha256" not in h5.attrs:
+                raise FormatError(f"{path}: no content_sha256 attribute (incomplete write?)")
+            for name, expected in shapes.items():
+                if name not in h5:
+                    raise FormatError(f"{path}: dataset {name!r} missing")
+                shape = h5[name].shape
+                if len(shape) != len(expected):
+                    raise FormatError(f"{path}: {name} has shape {shape}, expected {expected}")
+                for actual, want in zip(shape, expected, strict=True):
+                    if isinstance(want, str):
+                        want = sizes.setdefault(want, actual)
+                    if want is not None and actual != want:
+                        raise FormatError(f"{path}: {name} has shape {shape}, expected {expected}")
+                h5[name][()]  # reads every byte: a truncated file fails here
+    except (OSError, KeyError) as err:
+        raise FormatError(f"{path}: unreadable or incomplete file ({err})") from err
+    return read_attrs(path)
 
 
 def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -122,19 +180,13 @@ def read_tiles(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]
     return coords, read_attrs(path)
 
 
-def validate_tiles(path: str | os.PathLike[str]) -> None:
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != TILES_FORMAT:
-                raise FormatError(f"{path}: not an eagleflow tiles file (format attribute missing)")
-            coords = h5["coords"]
-            n = coords.shape[0]
-            if coords.ndim != 2 or coords.shape[1] != 2 or coords.dtype != np.int64:
-                raise FormatError(f"{path}: coords must be (N, 2) int64, got {coords.shape}")
-            for name in ("tissue_fraction", "edge_fraction"):
-                if h5[name].shape != (n,):
-                    raise FormatError(f"{path}: {name} must have shape ({n},)")
-            if int(h5.attrs["n_tiles"]) != n:
-                raise FormatError(f"{path}: n_tiles attribute disagrees with coords")
-    except (OSError, KeyError) as err:
-        raise FormatError(f"{path}: unreadable or incomplete tiles file ({err})") from err
+def validate_tiles(path: str | os.PathLike[str]) -> dict[str, Any]:
+    attrs = validate_h5(
+        path,
+        TILES_FORMAT,
+        {"coords": ("N", 2), "tissue_fraction": ("N",), "edge_fraction": ("N",)},
+    )
+    with h5py.File(path, "r") as h5:
+        if h5["coords"].dtype != np.int64 or int(attrs["n_tiles"]) != h5["coords"].shape[0]:
+            raise FormatError(f"{path}: coords must be int64 and match n_tiles")
+    return attrs

@@ -33,21 +33,12 @@ def _fail(message: str) -> NoReturn:
 
 def run_rule(log_path: str | None, func: Callable[..., Any], /, **kwargs: Any) -> Any:
     """Run a rule's function with logging; errors that explain themselves end without a traceback."""
-    from eagleflow.h5io import FormatError
-    from eagleflow.sheets import SheetError
-    from eagleflow.slides import SlideError
+    from eagleflow.errors import EagleflowError
 
     setup_logging(log_path)
-    expected: tuple[type[BaseException], ...] = (SlideError, SheetError, FormatError)
-    try:
-        from eagleflow.models.registry import WeightsError
-
-        expected += (WeightsError,)
-    except ImportError:  # the models package is optional for CPU-only stages
-        pass
     try:
         return func(**kwargs)
-    except expected as err:
+    except EagleflowError as err:
         _fail(str(err))
     except Exception:
         log.exception("unexpected error in %s", getattr(func, "__name__", func))

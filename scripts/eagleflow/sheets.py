@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from eagleflow.errors import EagleflowError
+
 log = logging.getLogger(__name__)
 
 # Ids become file names and wildcards: letters, digits, '.', '_' and '-' only, never a leading
@@ -27,7 +29,7 @@ SLIDE_OPTIONAL = ("MPP", "COHORT")
 DEFAULT_COHORT = "default"
 
 
-class SheetError(ValueError):
+class SheetError(EagleflowError, ValueError):
     """The slide sheet or the clinical table is wrong; the message lists every problem found."""
 
 

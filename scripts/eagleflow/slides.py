@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import openslide
 
+from eagleflow.errors import EagleflowError
+
 log = logging.getLogger(__name__)
 
 # A level counts as "at or finer than" the target if its MPP exceeds the target by at most this factor;
@@ -22,7 +24,7 @@ LEVEL_TOLERANCE = 1.01
 CM_PER_INCH = 2.54
 
 
-class SlideError(RuntimeError):
+class SlideError(EagleflowError, RuntimeError):
     """A slide cannot be used; the message names the slide and says what to do."""
 
 
@@ -188,11 +190,11 @@ def rgba_to_rgb(region: np.ndarray) -> np.ndarray:
 
 def read_tile(
     slide: openslide.OpenSlide,
-    info: SlideInfo,
     x: int,
     y: int,
     size_level0: int,
     level: int,
+    downsample: float,
     tile_px: int,
 ) -> np.ndarray:
     """Read the level-0 box (x, y, size_level0) from `level` and resample it to tile_px (RGB uint8).
@@ -200,7 +202,6 @@ def read_tile(
     The filter is cv2.INTER_AREA (pixel-area averaging) when shrinking and INTER_CUBIC when the
     chosen level is coarser than the target (only when the slide has no finer level).
     """
-    downsample = info.level_downsamples[level]
     size_level = max(1, round(size_level0 / downsample))
     region = np.asarray(slide.read_region((int(x), int(y)), level, (size_level, size_level)))
     rgb = rgba_to_rgb(region)

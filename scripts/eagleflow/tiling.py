@@ -156,7 +156,10 @@ def iter_tiles(
     pool = _SlidePool(path, slide_id)
 
     def read(xy: np.ndarray) -> np.ndarray:
-        return read_tile(pool.get(), info, int(xy[0]), int(xy[1]), size_level0, level, tile_px)
+        downsample = info.level_downsamples[level]
+        return read_tile(
+            pool.get(), int(xy[0]), int(xy[1]), size_level0, level, downsample, tile_px
+        )
 
     if threads <= 1:
         yield from map(read, coords)

@@ -1,0 +1,79 @@
+rule eagle_virchow2_topk:
+    input:
+        attention="results/attention/chief/batches/{batch}.tsv",
+        tiles=batch_inputs("results/tiles/{slide}.h5"),
+    output:
+        manifest="results/eagle/topk/batches/{batch}.tsv",
+    log:
+        "logs/eagle/virchow2/{batch}.log",
+    benchmark:
+        "benchmarks/eagle/virchow2/{batch}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    params:
+        slides=batch_params(
+            tiles="results/tiles/{slide}.h5",
+            attention="results/attention/chief/{slide}.h5",
+            output="results/eagle/topk/{slide}.h5",
+        ),
+        model=config["models"]["virchow2"],
+        eagle=eagle_params(),
+    script:
+        "../scripts/eagle_virchow2_topk.py"
+
+
+rule eagle_topk_thumbnail:
+    input:
+        slide=slide_path,
+        tiles="results/tiles/{slide}.h5",
+        manifest=slide_batch_file("results/eagle/topk/batches/{batch}.tsv"),
+    output:
+        png=report(
+            "results/qc/topk/{slide}.png",
+            caption="../report/topk.rst",
+            category="Top-k tiles",
+            labels={"slide": "{slide}"},
+        ),
+    log:
+        "logs/eagle/thumbnail/{slide}.log",
+    benchmark:
+        "benchmarks/eagle/thumbnail/{slide}.tsv"
+    conda:
+        "../envs/slides.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/eagle_topk_thumbnail.py"
+
+
+rule embeddings_collect:
+    input:
+        attention=expand("results/attention/chief/batches/{batch}.tsv", batch=BATCHES),
+        topk=expand("results/eagle/topk/batches/{batch}.tsv", batch=BATCHES),
+    output:
+        slides="results/embeddings/slides.h5",
+        patients="results/embeddings/patients.h5",
+    log:
+        "logs/embeddings/collect.log",
+    benchmark:
+        "benchmarks/embeddings/collect.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        slides=sheet_rows(),
+        eagle={
+            "top_k": config["eagle"]["top_k"],
+            "aggregation": config["eagle"]["aggregation"],
+        },
+    script:
+        "../scripts/embeddings_collect.py"
