@@ -45,11 +45,12 @@ def write_pyramid(
     return path
 
 
-def tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """White background with one textured pink-purple block in the middle third."""
+def tissue_image(width: int, height: int, seed: int = 0, margin: int = 3) -> np.ndarray:
+    """White background with one textured pink-purple block (the middle third by default)."""
     rng = np.random.default_rng(seed)
     image = np.full((height, width, 3), 245, dtype=np.uint8)
-    y0, y1, x0, x1 = height // 3, 2 * height // 3, width // 3, 2 * width // 3
+    y0, y1 = height // margin, height - height // margin
+    x0, x1 = width // margin, width - width // margin
     # blocky noise ~ 8 level-0 px per cell, so texture survives the 4x downsampling to 2 µm/px
     cells = rng.integers(0, 90, size=((y1 - y0) // 8 + 1, (x1 - x0) // 8 + 1), dtype=np.uint8)
     noise = np.repeat(np.repeat(cells, 8, axis=0), 8, axis=1)[: y1 - y0, : x1 - x0, None]

@@ -16,6 +16,8 @@ from eagleflow.h5io import read_tiles
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile")]
+# Small enough for CI on 2 cores: 2 tiles per slide through Virchow2 (ViT-H on CPU), 2 GPU batches.
+FAST = ["--config", "eagle={'top_k': 2}", "features={'n_batches': 2}"]
 
 pytestmark = pytest.mark.workflow
 
@@ -58,23 +60,32 @@ def test_lint_has_no_findings(demo_dir):
     assert "Lints for" not in output, output
 
 
-def test_dry_run_plans_one_tiling_job_per_slide(demo_dir):
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run."""
+    return {
+        line.split()[0]: int(line.split()[1])
+        for line in output.splitlines()
+        if len(line.split()) == 2 and line.split()[1].isdigit()
+    }
+
+
+def test_dry_run_plans_the_dag(demo_dir):
     from eagleflow.sheets import read_slide_sheet
 
     slides = read_slide_sheet(demo_dir / "resources" / "demo" / "slides.csv")
-    result = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir)], cwd=demo_dir)
-    counts = {
-        line.split()[0]: int(line.split()[1])
-        for line in result.stdout.splitlines()
-        if len(line.split()) == 2 and line.split()[1].isdigit()
-    }
+    result = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
+    counts = job_counts(result.stdout)
     assert counts["tiling_tile_slide"] == len(slides)
+    assert counts["eagle_topk_thumbnail"] == len(slides)
+    for batch_rule in ("features_ctranspath", "attention_chief", "eagle_virchow2_topk"):
+        assert counts[batch_rule] == 2
+    assert counts["embeddings_collect"] == 1
 
 
-def test_demo_run_tiles_every_slide_and_resumes_without_work(demo_dir):
+def test_demo_run_makes_every_output_and_resumes_without_work(demo_dir):
     from eagleflow.sheets import read_slide_sheet
 
-    run([*SNAKEMAKE, "--cores", "2", "--directory", str(demo_dir)], cwd=demo_dir)
+    run([*SNAKEMAKE, "--cores", "2", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
     slides = read_slide_sheet(demo_dir / "resources" / "demo" / "slides.csv")
     for slide_id in slides.index:
         coords, attrs = read_tiles(demo_dir / "results" / "tiles" / f"{slide_id}.h5")
@@ -82,17 +93,43 @@ def test_demo_run_tiles_every_slide_and_resumes_without_work(demo_dir):
         assert (demo_dir / "results" / "qc" / "tiles" / f"{slide_id}.png").stat().st_size > 0
         assert (demo_dir / "logs" / "tiling" / f"{slide_id}.log").exists()
         assert (demo_dir / "benchmarks" / "tiling" / f"{slide_id}.tsv").exists()
+        assert (demo_dir / "results" / "qc" / "topk" / f"{slide_id}.png").stat().st_size > 0
+        for stage in ("features/ctranspath", "attention/chief", "eagle/topk"):
+            assert (demo_dir / "results" / stage / f"{slide_id}.h5").exists()
+    with h5py.File(demo_dir / "results" / "embeddings" / "patients.h5") as h5:
+        assert h5["eagle"].shape == (len(set(slides["PATIENT"])), 1280)
+        assert h5.attrs["weights_demo"] == "true"
     first = next(iter(slides.index))
     tiles = demo_dir / "results" / "tiles" / f"{first}.h5"
     before = tiles.stat().st_mtime_ns
-    again = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir)], cwd=demo_dir)
+    again = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
     assert "Nothing to be done" in again.stdout + again.stderr
-    # A tiling threshold reaches the rule through params: every slide is planned again.
-    changed = run(
-        [*SNAKEMAKE, "-n", "--directory", str(demo_dir), "--config", "tiling={'canny_low': 30}"],
+    # top_k reaches only the Virchow2 stage: CTransPath and CHIEF are not planned again.
+    top_k = run(
+        [
+            *SNAKEMAKE,
+            "-n",
+            "--directory",
+            str(demo_dir),
+            "--config",
+            "eagle={'top_k': 3}",
+            "features={'n_batches': 2}",
+        ],
         cwd=demo_dir,
     )
-    assert "Params have changed" in changed.stdout + changed.stderr
+    counts = job_counts(top_k.stdout)
+    assert counts["eagle_virchow2_topk"] == 2 and "features_ctranspath" not in counts
+    assert "tiling_tile_slide" not in counts and "attention_chief" not in counts
+    # A tiling threshold reaches the tiling rule through params: every slide is tiled again.
+    tiling = run(
+        [*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST, "tiling={'canny_low': 30}"],
+        cwd=demo_dir,
+    )
+    assert job_counts(tiling.stdout)["tiling_tile_slide"] == len(slides)
+    assert "Params have changed" in tiling.stdout
+    report = demo_dir / "report.html"
+    run([*SNAKEMAKE, "--directory", str(demo_dir), *FAST, "--report", str(report)], cwd=demo_dir)
+    assert report.stat().st_size > 100_000
     assert tiles.stat().st_mtime_ns == before
     with h5py.File(tiles) as h5:
         assert h5.attrs["tile_size_um"] == pytest.approx(448.0)
