@@ -14,6 +14,7 @@ rule attention_chief:
         mem_mb=4000,
         runtime=30,
     params:
+        code=stage_code_digest("attention"),
         slides=batch_params(
             features="results/features/ctranspath/{slide}.h5",
             output="results/attention/chief/{slide}.h5",

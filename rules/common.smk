@@ -13,6 +13,7 @@ from eagleflow.sheets import (  # noqa: E402
     read_slide_sheet,
 )
 from eagleflow.batches import assign_batches, batch_of  # noqa: E402
+from eagleflow.provenance import stage_code_digest  # noqa: E402
 from eagleflow.weights import check_weights_config  # noqa: E402
 
 validate(config, schema="../config/schemas/config.schema.yaml", set_default=True)
@@ -89,15 +90,8 @@ def slide_batch_file(pattern):
 
 
 def eagle_params():
-    """Everything that changes the Virchow2 top-k stage, plus how it runs."""
-    eagle = config["eagle"]
-    return {
-        "top_k": eagle["top_k"],
-        "reference_transpose": eagle["reference_transpose"],
-        "batch_size": eagle["batch_size"],
-        "device": config["features"]["device"],
-        "num_workers": config["features"]["num_workers"],
-    }
+    """What changes the Virchow2 top-k stage's results (runtime settings are read by the script)."""
+    return {key: config["eagle"][key] for key in ("top_k", "reference_transpose")}
 
 
 def sheet_rows():

@@ -15,6 +15,7 @@ rule eagle_virchow2_topk:
         mem_mb=16000,
         runtime=120,
     params:
+        code=stage_code_digest("eagle"),
         slides=batch_params(
             tiles="results/tiles/{slide}.h5",
             attention="results/attention/chief/{slide}.h5",
@@ -48,6 +49,8 @@ rule eagle_topk_thumbnail:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=stage_code_digest("thumbnail"),
     script:
         "../scripts/eagle_topk_thumbnail.py"
 
@@ -70,6 +73,7 @@ rule embeddings_collect:
         mem_mb=4000,
         runtime=30,
     params:
+        code=stage_code_digest("embeddings"),
         slides=sheet_rows(),
         eagle={
             "top_k": config["eagle"]["top_k"],

@@ -14,11 +14,11 @@ rule features_ctranspath:
         mem_mb=8000,
         runtime=120,
     params:
+        code=stage_code_digest("features"),
         slides=batch_params(
             tiles="results/tiles/{slide}.h5",
             output="results/features/ctranspath/{slide}.h5",
         ),
         model=config["models"]["ctranspath"],
-        extraction=config["features"],
     script:
         "../scripts/features_ctranspath.py"

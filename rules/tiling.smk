@@ -20,6 +20,7 @@ rule tiling_tile_slide:
         mem_mb=4000,
         runtime=30,
     params:
+        code=stage_code_digest("tiling"),
         tiling=config["tiling"],
         sheet_mpp=sheet_mpp,
     script:

@@ -73,3 +73,23 @@ def make_slide(tmp_path: Path) -> Callable[..., Path]:
         return write_pyramid(tmp_path / name, pixels, mpp, downsamples)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory with the generated demo cohort and a config pointing at it."""
+    from workflow_helpers import FAST_CONFIG, make_demo_workdir
+
+    work = make_demo_workdir(tmp_path_factory.mktemp("workflow"))
+    (work / "config" / "top3.yaml").write_text(FAST_CONFIG.replace("top_k: 2", "top_k: 3"))
+    (work / "config" / "canny.yaml").write_text("tiling:\n  canny_low: 30\n")
+    return work
+
+
+@pytest.fixture(scope="session")
+def finished_demo(demo_dir: Path) -> Path:
+    """The demo working directory after a complete run of the workflow (fast settings)."""
+    from workflow_helpers import FAST, SNAKEMAKE, run
+
+    run([*SNAKEMAKE, "--cores", "2", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
+    return demo_dir

@@ -269,3 +269,50 @@ def test_cohort_tables(cohort, outputs, tmp_path):
     assert patients["eagle"].shape == (2, 1280) and patients["meanpool"].shape == (2, 768)
     assert p_attrs["weights_demo"] == "true" and "virchow2" in p_attrs["demo_weights"]
     assert set(read_manifest(out / "t.tsv")) == {"S1", "S2", "SMALL"}
+
+
+def test_killed_batch_job_resumes_without_redoing_finished_slides(cohort, tmp_path):
+    """SIGKILL the CTransPath stage after its first slide; the rerun keeps that slide's file."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slides = [
+        {**s, "output": str(tmp_path / "features" / f"{s['slide_id']}.h5")}
+        for s in cohort["slides"]
+    ]
+    # Slow the loader so that the kill lands between slides: one tile per batch.
+    extraction = {**EXTRACTION, "batch_size": 1}
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"slides": slides, "extraction": extraction}))
+    code = (
+        "import json, sys; from eagleflow.features import run_ctranspath_batch;"
+        f"job = json.load(open({str(job)!r}));"
+        "run_ctranspath_batch(job['slides'], {'weights': 'demo'}, job['extraction'], "
+        f"{str(tmp_path / 'f.tsv')!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "scripts")}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    first = Path(slides[0]["output"])
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists(), "the job ended before its first slide was written"
+    finished = {
+        s["output"]: Path(s["output"]).stat().st_mtime_ns
+        for s in slides
+        if Path(s["output"]).exists()
+    }
+    assert len(finished) < len(slides), "the kill came too late to leave work unfinished"
+    assert not (tmp_path / "f.tsv").exists()  # the manifest marks a finished job only
+    run_ctranspath_batch(slides, {"weights": "demo"}, EXTRACTION, str(tmp_path / "f.tsv"))
+    for output, mtime in finished.items():
+        assert Path(output).stat().st_mtime_ns == mtime  # finished slides were not redone
+    for slide in slides:
+        assert read_attrs(slide["output"])["content_sha256"]
+    assert not list((tmp_path / "features").glob(".*tmp*"))  # stale temporaries removed

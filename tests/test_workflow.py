@@ -2,46 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import h5py
 import pytest
+from workflow_helpers import BIN, FAST, REPO, SNAKEMAKE, job_counts, run
 
 from eagleflow.h5io import read_tiles
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SNAKEMAKE = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile")]
-# Small enough for CI on 2 cores: 2 tiles per slide through Virchow2 (ViT-H on CPU), 2 GPU batches.
-FAST = ["--config", "eagle={'top_k': 2}", "features={'n_batches': 2}"]
-
 pytestmark = pytest.mark.workflow
-
-
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A working directory with the generated demo cohort and a config pointing at it."""
-    from eagleflow.demo import make_demo_cohort
-
-    work = tmp_path_factory.mktemp("workflow")
-    make_demo_cohort(work / "resources" / "demo", seed=0)
-    (work / "config").mkdir()
-    shutil.copy(REPO / "config" / "config.yaml", work / "config" / "config.yaml")
-    return work
 
 
 def test_snakefmt_is_clean():
@@ -60,20 +27,13 @@ def test_lint_has_no_findings(demo_dir):
     assert "Lints for" not in output, output
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run."""
-    return {
-        line.split()[0]: int(line.split()[1])
-        for line in output.splitlines()
-        if len(line.split()) == 2 and line.split()[1].isdigit()
-    }
-
-
 def test_dry_run_plans_the_dag(demo_dir):
     from eagleflow.sheets import read_slide_sheet
 
     slides = read_slide_sheet(demo_dir / "resources" / "demo" / "slides.csv")
-    result = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
+    result = run(
+        [*SNAKEMAKE, "-n", "--forceall", "--directory", str(demo_dir), *FAST], cwd=demo_dir
+    )
     counts = job_counts(result.stdout)
     assert counts["tiling_tile_slide"] == len(slides)
     assert counts["eagle_topk_thumbnail"] == len(slides)
@@ -82,10 +42,10 @@ def test_dry_run_plans_the_dag(demo_dir):
     assert counts["embeddings_collect"] == 1
 
 
-def test_demo_run_makes_every_output_and_resumes_without_work(demo_dir):
+def test_demo_run_makes_every_output_and_resumes_without_work(finished_demo):
     from eagleflow.sheets import read_slide_sheet
 
-    run([*SNAKEMAKE, "--cores", "2", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
+    demo_dir = finished_demo
     slides = read_slide_sheet(demo_dir / "resources" / "demo" / "slides.csv")
     for slide_id in slides.index:
         coords, attrs = read_tiles(demo_dir / "results" / "tiles" / f"{slide_id}.h5")
@@ -104,32 +64,37 @@ def test_demo_run_makes_every_output_and_resumes_without_work(demo_dir):
     before = tiles.stat().st_mtime_ns
     again = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
     assert "Nothing to be done" in again.stdout + again.stderr
-    # top_k reaches only the Virchow2 stage: CTransPath and CHIEF are not planned again.
-    top_k = run(
-        [
-            *SNAKEMAKE,
-            "-n",
-            "--directory",
-            str(demo_dir),
-            "--config",
-            "eagle={'top_k': 3}",
-            "features={'n_batches': 2}",
-        ],
-        cwd=demo_dir,
-    )
-    counts = job_counts(top_k.stdout)
-    assert counts["eagle_virchow2_topk"] == 2 and "features_ctranspath" not in counts
-    assert "tiling_tile_slide" not in counts and "attention_chief" not in counts
-    # A tiling threshold reaches the tiling rule through params: every slide is tiled again.
-    tiling = run(
-        [*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST, "tiling={'canny_low': 30}"],
-        cwd=demo_dir,
-    )
-    assert job_counts(tiling.stdout)["tiling_tile_slide"] == len(slides)
-    assert "Params have changed" in tiling.stdout
     report = demo_dir / "report.html"
     run([*SNAKEMAKE, "--directory", str(demo_dir), *FAST, "--report", str(report)], cwd=demo_dir)
     assert report.stat().st_size > 100_000
     assert tiles.stat().st_mtime_ns == before
     with h5py.File(tiles) as h5:
         assert h5.attrs["tile_size_um"] == pytest.approx(448.0)
+
+
+def test_running_a_change_leaves_untouched_outputs_alone(finished_demo):
+    results = finished_demo / "results"
+    untouched = sorted(
+        [
+            *results.glob("tiles/*.h5"),
+            *results.glob("features/ctranspath/*.h5"),
+            *results.glob("attention/chief/*.h5"),
+        ]
+    )
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in untouched}
+    topk_before = {p: p.stat().st_mtime_ns for p in results.glob("eagle/topk/*.h5")}
+    override = "config/top3.yaml"
+    run(
+        [*SNAKEMAKE, "--cores", "2", "--directory", str(finished_demo), *FAST, override],
+        cwd=finished_demo,
+    )
+    for path, (mtime, data) in before.items():
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
+    assert all(p.stat().st_mtime_ns != m for p, m in topk_before.items())
+    assert (
+        "Nothing to be done"
+        in run(
+            [*SNAKEMAKE, "-n", "--directory", str(finished_demo), *FAST, override],
+            cwd=finished_demo,
+        ).stdout
+    )

@@ -23,7 +23,7 @@ from eagleflow.h5io import (
     validate_h5,
     write_h5,
 )
-from eagleflow.provenance import provenance_attrs
+from eagleflow.provenance import provenance_attrs, stage_code_digest
 from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,13 @@ def run_chief_batch(
     configure_torch(threads)
     info = resolve_configured("chief", model_cfg)
     model = load_model("chief", info)
-    params_sha256 = digest({"weights_sha256": info.sha256, "aggregator": "chief"})
+    params_sha256 = digest(
+        {
+            "code": stage_code_digest("attention"),
+            "weights_sha256": info.sha256,
+            "aggregator": "chief",
+        }
+    )
     for slide in slides:
         feature_attrs = validate_h5(
             slide["features"], FEATURES_FORMAT, {"feats": ("N", 768), "coords": ("N", 2)}

@@ -27,7 +27,7 @@ from eagleflow.features import (
     resolve_device,
 )
 from eagleflow.h5io import ATTENTION_FORMAT, TOPK_FORMAT, read_h5, validate_h5, write_h5
-from eagleflow.provenance import provenance_attrs
+from eagleflow.provenance import provenance_attrs, stage_code_digest
 from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,12 @@ def run_virchow2_batch(
     top_k = int(params["top_k"])
     transpose = bool(params["reference_transpose"])
     params_sha256 = digest(
-        {"weights_sha256": info.sha256, "top_k": top_k, "reference_transpose": transpose}
+        {
+            "code": stage_code_digest("eagle"),
+            "weights_sha256": info.sha256,
+            "top_k": top_k,
+            "reference_transpose": transpose,
+        }
     )
     todo = []
     for slide in slides:

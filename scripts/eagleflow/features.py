@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from eagleflow.batches import digest, is_up_to_date, write_manifest
 from eagleflow.h5io import FEATURES_FORMAT, read_attrs, read_tiles, write_h5
-from eagleflow.provenance import provenance_attrs
+from eagleflow.provenance import provenance_attrs, stage_code_digest
 from eagleflow.slides import open_slide, read_tile
 from eagleflow.weights import resolve_configured
 
@@ -138,6 +138,16 @@ def iter_tile_batches(
         yield slide_index.numpy(), tile_index.numpy(), tiles
 
 
+def runtime_settings(config: dict[str, Any], stage: str = "features") -> dict[str, Any]:
+    """Device, batch size and reader workers of a model stage (they do not change results)."""
+    features = config["features"]
+    return {
+        "device": features["device"],
+        "num_workers": features["num_workers"],
+        "batch_size": config[stage]["batch_size"],
+    }
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,7 +217,13 @@ def run_ctranspath_batch(
 
     configure_torch(threads)
     info = resolve_configured("ctranspath", model_cfg)
-    params_sha256 = digest({"weights_sha256": info.sha256, "extractor": "ctranspath"})
+    params_sha256 = digest(
+        {
+            "code": stage_code_digest("features"),
+            "weights_sha256": info.sha256,
+            "extractor": "ctranspath",
+        }
+    )
     shapes = {"feats": ("N", 768), "coords": ("N", 2)}
     todo = []
     for slide in slides:

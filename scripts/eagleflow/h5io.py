@@ -30,11 +30,31 @@ class FormatError(EagleflowError, ValueError):
     """A file does not have the layout its stage promises."""
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Delete temporaries of `final` left by killed writers (their process no longer exists)."""
+    for stale in final.parent.glob(f".{final.name}.tmp.*"):
+        pid = stale.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to `path`, on failure delete it."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
     tmp = final.with_name(f".{final.name}.tmp.{os.getpid()}")
     try:
         yield tmp

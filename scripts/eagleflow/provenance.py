@@ -57,3 +57,52 @@ def provenance_attrs(stage: str, params: dict[str, Any] | None = None) -> dict[s
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "params_json": json.dumps(params or {}, sort_keys=True, default=str),
     }
+
+
+# The package modules whose code decides each stage's numbers. A rule passes its stage's digest
+# through `params:`, so editing one stage's code reruns that stage and its downstream only; batch
+# stages also fold it into the digest that decides whether a finished slide can be kept.
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "tiling": ("slides.py", "tiling.py", "h5io.py"),
+    "features": (
+        "features.py",
+        "slides.py",
+        "h5io.py",
+        "batches.py",
+        "weights.py",
+        "models/registry.py",
+        "models/preprocess.py",
+        "models/ctranspath.py",
+    ),
+    "attention": (
+        "attention.py",
+        "h5io.py",
+        "batches.py",
+        "weights.py",
+        "models/registry.py",
+        "models/chief.py",
+    ),
+    "eagle": (
+        "eagle.py",
+        "features.py",
+        "slides.py",
+        "h5io.py",
+        "batches.py",
+        "weights.py",
+        "models/registry.py",
+        "models/preprocess.py",
+        "models/virchow2.py",
+    ),
+    "thumbnail": ("plots.py", "features.py", "slides.py"),
+    "embeddings": ("embeddings.py", "eagle.py", "h5io.py"),
+}
+
+
+@functools.cache
+def stage_code_digest(stage: str) -> str:
+    """SHA-256 (16 hex digits) of the modules listed for `stage` in STAGE_MODULES."""
+    digest = hashlib.sha256()
+    for name in STAGE_MODULES[stage]:
+        digest.update(name.encode())
+        digest.update((PACKAGE_DIR / name).read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,101 @@
+"""Benchmark planning: wall time and peak memory of `snakemake -n` for N-slide cohorts.
+
+Each cohort is one tiny real slide linked N times (N/2 patients, two cohorts), so the sheet
+validation, the weight check and the DAG are the real ones; nothing is computed.
+
+    .venv/bin/python scripts/bench_dag.py --sizes 1000 10000 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cohort(root: Path, n_slides: int, slides_per_batch: int) -> Path:
+    """A working directory with an N-slide sheet, a clinical table and a config."""
+    from eagleflow.demo import write_pyramid_tiff
+
+    slides_dir = root / "slides"
+    slides_dir.mkdir(parents=True)
+    image = np.full((1024, 1024, 3), 230, dtype=np.uint8)
+    source = slides_dir / "tiny.tif"
+    write_pyramid_tiff(source, image, 0.5, "generic-tiff", downsamples=[1, 4, 16])
+    patients = [f"P{i // 2:06d}" for i in range(n_slides)]
+    lines = ["PATIENT,SLIDE,PATH,COHORT"]
+    for i, patient in enumerate(patients):
+        link = slides_dir / f"S{i:06d}.tif"
+        os.symlink(source.name, link)
+        lines.append(f"{patient},S{i:06d},slides/{link.name},{'INT' if i % 5 else 'EXT'}")
+    (root / "slides.csv").write_text("\n".join(lines) + "\n")
+    unique = sorted(set(patients))
+    labels = [f"{p},{'AB'[j % 2]}" for j, p in enumerate(unique)]
+    (root / "clinical.csv").write_text("PATIENT,SUBTYPE\n" + "\n".join(labels) + "\n")
+    config = (REPO / "config" / "config.yaml").read_text()
+    config = config.replace("resources/demo/slides.csv", str(root / "slides.csv"))
+    config = config.replace("resources/demo/clinical.csv", str(root / "clinical.csv"))
+    config = config.replace("n_batches: 4", f"n_batches: {max(1, n_slides // slides_per_batch)}")
+    (root / "config.yaml").write_text(config)
+    return root
+
+
+def measure(workdir: Path) -> tuple[float, float, str]:
+    """Wall seconds and peak RSS (GB, whole process tree) of a dry run; the job stats line."""
+    command = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "-n",
+        "--quiet",
+        "rules",
+    ]
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir
+    )
+    peak = 0
+    handle = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            tree = [handle, *handle.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    output = process.stdout.read() if process.stdout else ""
+    if process.returncode != 0:
+        raise SystemExit(f"dry run failed:\n{output[-3000:]}")
+    total = next((line for line in output.splitlines() if line.startswith("total")), "total ?")
+    return wall, peak / 1e9, total.split()[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--slides-per-batch", type=int, default=100)
+    args = parser.parse_args()
+    print(f"{'slides':>8} {'jobs':>8} {'dry-run s':>10} {'peak GB':>8}")
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = make_cohort(Path(tmp), size, args.slides_per_batch)
+            wall, peak, jobs = measure(workdir)
+        print(f"{size:>8} {jobs:>8} {wall:>10.1f} {peak:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""After a config or code change, `snakemake -n` plans exactly the stages that change invalidates.
+
+Each case edits one thing on a finished demo run (fast settings: 2 batches) and compares the
+planned job counts per rule with the README's invalidation table. The last test runs one change
+and checks that the outputs it does not touch keep their bytes and mtimes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from workflow_helpers import FAST, REPO, SNAKEMAKE, job_counts, run
+
+from eagleflow.batches import assign_batches, batch_of
+from eagleflow.sheets import read_slide_sheet
+
+pytestmark = pytest.mark.workflow
+
+BATCH_RULES = ("features_ctranspath", "attention_chief", "eagle_virchow2_topk")
+
+
+def plan(workdir: Path, *extra: str, snakefile: Path | None = None) -> dict[str, int]:
+    args = list(SNAKEMAKE)
+    if snakefile is not None:
+        args[args.index("--snakefile") + 1] = str(snakefile)
+    result = run([*args, "-n", "--directory", str(workdir), *FAST, *extra], cwd=workdir)
+    counts = job_counts(result.stdout)
+    counts.pop("total", None)
+    counts.pop("all", None)
+    return counts
+
+
+def slides_of(workdir: Path) -> list[str]:
+    return list(read_slide_sheet(workdir / "resources" / "demo" / "slides.csv").index)
+
+
+def expected(*, tiles: int = 0, batches: int = 0, from_stage: str, thumbnails: int) -> dict:
+    """Job counts when everything from `from_stage` down is planned."""
+    order = ["tiling_tile_slide", *BATCH_RULES, "embeddings_collect"]
+    counts: dict[str, int] = {}
+    for rule in order[order.index(from_stage) :]:
+        if rule == "tiling_tile_slide":
+            counts[rule] = tiles
+        elif rule in BATCH_RULES:
+            counts[rule] = batches
+        else:
+            counts[rule] = 1
+    if thumbnails:
+        counts["eagle_topk_thumbnail"] = thumbnails
+    return counts
+
+
+def write_override(workdir: Path, name: str, text: str) -> str:
+    path = workdir / "config" / name
+    path.write_text(text)
+    return f"config/{name}"
+
+
+def test_nothing_changed_plans_nothing(finished_demo):
+    assert plan(finished_demo) == {}
+
+
+def test_tiling_threshold_reruns_everything(finished_demo):
+    n = len(slides_of(finished_demo))
+    override = write_override(finished_demo, "canny.yaml", "tiling:\n  canny_low: 30\n")
+    assert plan(finished_demo, override) == expected(
+        tiles=n, batches=2, from_stage="tiling_tile_slide", thumbnails=n
+    )
+
+
+def test_top_k_reruns_virchow2_and_below_only(finished_demo):
+    n = len(slides_of(finished_demo))
+    override = write_override(finished_demo, "topk.yaml", "eagle:\n  top_k: 3\n")
+    assert plan(finished_demo, override) == expected(
+        batches=2, from_stage="eagle_virchow2_topk", thumbnails=n
+    )
+
+
+def test_virchow2_weights_setting_reruns_virchow2_and_below_only(finished_demo):
+    n = len(slides_of(finished_demo))
+    override = write_override(
+        finished_demo,
+        "v2.yaml",
+        "models:\n  virchow2:\n    weights: demo\n    verify_sha256: false\n",
+    )
+    assert plan(finished_demo, override) == expected(
+        batches=2, from_stage="eagle_virchow2_topk", thumbnails=n
+    )
+
+
+def test_chief_weights_setting_reruns_chief_and_below(finished_demo):
+    n = len(slides_of(finished_demo))
+    override = write_override(
+        finished_demo,
+        "chief.yaml",
+        "models:\n  chief:\n    weights: demo\n    verify_sha256: false\n",
+    )
+    assert plan(finished_demo, override) == expected(
+        batches=2, from_stage="attention_chief", thumbnails=n
+    )
+
+
+def test_aggregation_reruns_the_cohort_tables_only(finished_demo):
+    override = write_override(finished_demo, "agg.yaml", "eagle:\n  aggregation: softmax\n")
+    assert plan(finished_demo, override) == {"embeddings_collect": 1}
+
+
+def test_runtime_settings_plan_nothing(finished_demo):
+    override = write_override(
+        finished_demo,
+        "runtime.yaml",
+        "features:\n  batch_size: 7\n  num_workers: 0\n  device: cpu\n",
+    )
+    assert plan(finished_demo, override) == {}
+
+
+def test_adding_one_slide_plans_that_slide_and_its_batch(finished_demo):
+    slides = slides_of(finished_demo)
+    sheet = finished_demo / "resources" / "demo" / "slides.csv"
+    grown = finished_demo / "resources" / "demo" / "slides_plus.csv"
+    new_id = "DEMO-INT-001-S9"
+    grown.write_text(
+        sheet.read_text() + f"DEMO-INT-001,{new_id},slides/DEMO-INT-001-S1.svs,DEMO-INT\n"
+    )
+    override = write_override(finished_demo, "plus.yaml", f"slide_sheet: {grown}\n")
+    batch = assign_batches([*slides, new_id], 2)[batch_of(new_id, 2)]
+    counts = plan(finished_demo, override)
+    assert counts == {
+        "tiling_tile_slide": 1,
+        **dict.fromkeys(BATCH_RULES, 1),
+        "eagle_topk_thumbnail": len(batch),  # their batch manifest is rewritten
+        "embeddings_collect": 1,
+    }
+
+
+def test_editing_one_stage_code_reruns_that_stage_and_below(finished_demo, tmp_path):
+    copy = tmp_path / "repo"
+    ignore = shutil.ignore_patterns(".venv", ".snakemake", "results", "resources", ".git", "logs")
+    shutil.copytree(REPO, copy, ignore=ignore)  # copy2 keeps mtimes: only the edit differs
+    module = copy / "scripts" / "eagleflow" / "attention.py"
+    module.write_text(module.read_text() + "\n# an edit\n")
+    n = len(slides_of(finished_demo))
+    assert plan(finished_demo, snakefile=copy / "Snakefile") == expected(
+        batches=2, from_stage="attention_chief", thumbnails=n
+    )
