@@ -16,11 +16,15 @@ include: "rules/tiling.smk"
 include: "rules/features.smk"
 include: "rules/attention.smk"
 include: "rules/eagle.smk"
+include: "rules/heads.smk"
+include: "rules/evaluation.smk"
 
 
 localrules:
     all,
     embeddings_collect,
+    evaluation_summary,
+    evaluation_figures,
 
 
 rule all:

@@ -1,4 +1,5 @@
 # Helpers: config and sheet validation, wildcard constraints, input and parameter functions.
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from eagleflow.sheets import (  # noqa: E402
     read_slide_sheet,
 )
 from eagleflow.batches import assign_batches, batch_of  # noqa: E402
+from eagleflow.h5io import EMBEDDING_NAMES  # noqa: E402
+from eagleflow.heads import validate_tasks  # noqa: E402
 from eagleflow.provenance import stage_code_digest  # noqa: E402
 from eagleflow.weights import check_weights_config  # noqa: E402
 
@@ -34,12 +37,28 @@ N_BATCHES = config["features"]["n_batches"]
 BATCH_SLIDES = assign_batches(SLIDES.index, N_BATCHES)
 BATCHES = list(BATCH_SLIDES)
 
+# Label columns, classes, cohorts and fold counts of every task fail here, before any slide runs.
+TASKS = validate_tasks(
+    config["tasks"],
+    CLINICAL,
+    SLIDES,
+    folds=config["heads"]["mlp"]["folds"],
+    clinical_path=config["clinical_table"],
+)
+
+
+def alternatives(names):
+    """A wildcard constraint that matches exactly these names (nothing if there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
 
 wildcard_constraints:
     slide=ID_PATTERN,
     patient=ID_PATTERN,
     cohort=ID_PATTERN,
     batch="b[0-9]{4}",
+    task=alternatives(TASKS),
+    embedding=alternatives(EMBEDDING_NAMES),
 
 
 def slide_path(wildcards):
@@ -107,4 +126,47 @@ def final_outputs():
         expand("results/qc/tiles/{slide}.png", slide=slides)
         + expand("results/qc/topk/{slide}.png", slide=slides)
         + ["results/embeddings/slides.h5", "results/embeddings/patients.h5"]
+        + evaluation_outputs()
     )
+
+
+def task_params(wildcards):
+    """The validated task (label, classes, cohorts, embeddings) as plain data for `params:`."""
+    return TASKS[wildcards.task].params()
+
+
+def task_embedding_files(pattern):
+    """Input function: `pattern` for every embedding of the job's task, in the task's order."""
+
+    def inputs(wildcards):
+        return expand(
+            pattern, task=wildcards.task, embedding=TASKS[wildcards.task].embeddings
+        )
+
+    return inputs
+
+
+def task_labels():
+    """Task name -> label column (the UMAP colours patients by each)."""
+    return {name: task.label for name, task in TASKS.items()}
+
+
+def evaluation_outputs():
+    outputs = [
+        "results/evaluation/umap.png",
+        "results/evaluation/retrieval.csv",
+        "results/evaluation/retrieval.png",
+    ]
+    if TASKS:
+        outputs += expand(
+            "results/evaluation/{task}/{figure}.png",
+            task=list(TASKS),
+            figure=["roc", "pr", "fewshot"],
+        )
+        outputs += [
+            "results/evaluation/metrics.html",
+            "results/evaluation/metrics.csv",
+            "results/evaluation/fewshot.csv",
+            "results/evaluation/delong.csv",
+        ]
+    return outputs

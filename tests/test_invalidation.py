@@ -19,6 +19,17 @@ from eagleflow.sheets import read_slide_sheet
 pytestmark = pytest.mark.workflow
 
 BATCH_RULES = ("features_ctranspath", "attention_chief", "eagle_virchow2_topk")
+# Demo tasks SUBTYPE and GRADE, three embeddings each: what a new embeddings table plans below it.
+TASKS, EMBEDDINGS = 2, 3
+HEADS = {
+    "heads_mlp_crossval": TASKS * EMBEDDINGS,
+    "heads_fewshot": TASKS * EMBEDDINGS,
+    "evaluation_metrics": TASKS,
+    "evaluation_figures": TASKS,
+    "evaluation_summary": 1,
+    "evaluation_umap": 1,
+    "evaluation_retrieval": 1,
+}
 
 
 def plan(workdir: Path, *extra: str, snakefile: Path | None = None) -> dict[str, int]:
@@ -49,7 +60,7 @@ def expected(*, tiles: int = 0, batches: int = 0, from_stage: str, thumbnails: i
             counts[rule] = 1
     if thumbnails:
         counts["eagle_topk_thumbnail"] = thumbnails
-    return counts
+    return {**counts, **HEADS}
 
 
 def write_override(workdir: Path, name: str, text: str) -> str:
@@ -104,7 +115,17 @@ def test_chief_weights_setting_reruns_chief_and_below(finished_demo):
 
 def test_aggregation_reruns_the_cohort_tables_only(finished_demo):
     override = write_override(finished_demo, "agg.yaml", "eagle:\n  aggregation: softmax\n")
-    assert plan(finished_demo, override) == {"embeddings_collect": 1}
+    assert plan(finished_demo, override) == {"embeddings_collect": 1, **HEADS}
+
+
+def test_mlp_hyper_parameter_reruns_training_evaluation_and_report_only(finished_demo):
+    override = write_override(finished_demo, "mlp.yaml", "heads:\n  mlp:\n    hidden: 128\n")
+    assert plan(finished_demo, override) == {
+        "heads_mlp_crossval": TASKS * EMBEDDINGS,
+        "evaluation_metrics": TASKS,
+        "evaluation_figures": TASKS,
+        "evaluation_summary": 1,
+    }
 
 
 def test_runtime_settings_plan_nothing(finished_demo):
@@ -132,6 +153,7 @@ def test_adding_one_slide_plans_that_slide_and_its_batch(finished_demo):
         **dict.fromkeys(BATCH_RULES, 1),
         "eagle_topk_thumbnail": len(batch),  # their batch manifest is rewritten
         "embeddings_collect": 1,
+        **HEADS,
     }
 
 
@@ -145,3 +167,19 @@ def test_editing_one_stage_code_reruns_that_stage_and_below(finished_demo, tmp_p
     assert plan(finished_demo, snakefile=copy / "Snakefile") == expected(
         batches=2, from_stage="attention_chief", thumbnails=n
     )
+
+
+def test_adding_a_task_trains_only_that_task(finished_demo):
+    override = write_override(
+        finished_demo,
+        "task.yaml",
+        "tasks:\n  SUBTYPE_AGAIN:\n    label: SUBTYPE\n    train_cohorts: [DEMO-INT]\n",
+    )
+    assert plan(finished_demo, override) == {
+        "heads_mlp_crossval": EMBEDDINGS,
+        "heads_fewshot": EMBEDDINGS,
+        "evaluation_metrics": 1,
+        "evaluation_figures": 1,
+        "evaluation_summary": 1,
+        "evaluation_umap": 1,  # it colours patients by every task's label
+    }

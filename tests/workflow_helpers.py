@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile")]
 # Small enough for CI on 2 cores: 2 tiles per slide through Virchow2 (ViT-H on CPU), 2 GPU batches.
-FAST_CONFIG = "eagle:\n  top_k: 2\nfeatures:\n  n_batches: 2\n"
+FAST_CONFIG = (
+    "eagle:\n  top_k: 2\nfeatures:\n  n_batches: 2\n"
+    "heads:\n  fewshot:\n    repeats: 2\n  bootstrap:\n    n: 100\n"
+)
 FAST = ["--configfile", "config/config.yaml", "config/fast.yaml"]
 
 

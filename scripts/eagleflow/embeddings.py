@@ -10,12 +10,10 @@ import numpy as np
 
 from eagleflow.batches import read_manifest
 from eagleflow.eagle import SlideEmbeddings, load_slide_embeddings, patient_embeddings
-from eagleflow.h5io import EMBEDDINGS_FORMAT, read_attrs, write_h5
+from eagleflow.h5io import EMBEDDING_NAMES, EMBEDDINGS_FORMAT, read_attrs, write_h5  # noqa: F401
 from eagleflow.provenance import provenance_attrs
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_NAMES = ("eagle", "chief", "meanpool")
 
 
 def _demo_models(paths: Sequence[str]) -> list[str]:

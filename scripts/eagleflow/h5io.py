@@ -7,6 +7,7 @@ same directory and rename it at the end (`os.replace` is atomic on POSIX file sy
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,10 +25,19 @@ FEATURES_FORMAT = "eagleflow.features/1"
 ATTENTION_FORMAT = "eagleflow.attention/1"
 TOPK_FORMAT = "eagleflow.topk/1"
 EMBEDDINGS_FORMAT = "eagleflow.embeddings/1"
+# The embeddings of the cohort tables (and the names tasks may compare).
+EMBEDDING_NAMES = ("eagle", "chief", "meanpool")
 
 
 class FormatError(EagleflowError, ValueError):
     """A file does not have the layout its stage promises."""
+
+
+class DiskFullError(EagleflowError, OSError):
+    """No space (or quota) left while writing an output; nothing was kept under its final name."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,6 +69,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as err:
+        if err.errno not in _DISK_FULL or isinstance(err, DiskFullError):
+            raise
+        full = DiskFullError(
+            f"{final}: {os.strerror(err.errno)} while writing it ({err}). Nothing was kept under "
+            "that name. Free disk space (or quota) on that file system and rerun."
+        )
+        full.errno = err.errno
+        raise full from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

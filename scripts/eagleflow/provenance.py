@@ -95,6 +95,9 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "thumbnail": ("plots.py", "features.py", "slides.py"),
     "embeddings": ("embeddings.py", "eagle.py", "h5io.py"),
+    "heads": ("heads.py", "h5io.py", "sheets.py"),
+    "evaluation": ("evaluation.py", "stats.py", "heads.py"),
+    "figures": ("figures.py", "evaluation.py", "stats.py", "heads.py"),
 }
 
 
