@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -25,6 +28,21 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> Non
     logging.captureWarnings(True)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (Snakemake cancelling, a cluster time limit): unwind so cleanups run."""
+
+
+_HANDLER_PID: list[int] = []
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    if os.getpid() not in _HANDLER_PID:  # a forked worker (e.g. a DataLoader's): die as usual
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Terminated(signal.Signals(signum).name)
+
+
 def _fail(message: str) -> NoReturn:
     log.error(message)
     logging.shutdown()
@@ -36,10 +54,21 @@ def run_rule(log_path: str | None, func: Callable[..., Any], /, **kwargs: Any) -
     from eagleflow.errors import EagleflowError
 
     setup_logging(log_path)
+    if threading.current_thread() is threading.main_thread():
+        # Python's default SIGTERM action ends the process at once: temporaries stay behind.
+        _HANDLER_PID[:] = [os.getpid()]
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return func(**kwargs)
     except EagleflowError as err:
         _fail(str(err))
+    except Terminated as stop:
+        log.error(
+            "stopped by %s; outputs not finished were removed. Rerun the workflow to redo this job.",
+            stop,
+        )
+        logging.shutdown()
+        sys.exit(128 + signal.SIGTERM)
     except Exception:
         log.exception("unexpected error in %s", getattr(func, "__name__", func))
         logging.shutdown()

@@ -114,6 +114,14 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
     for slide_id, rows in duplicated.groupby(duplicated).groups.items():
         lines = ", ".join(str(_line(i)) for i in rows)
         problems.append(f"SLIDE {slide_id!r} appears on lines {lines}; slide ids must be unique")
+    named = table["SLIDE"][table["SLIDE"] != ""]
+    for rows in named.groupby(named.str.casefold()).groups.values():
+        if named[rows].nunique() > 1:  # ids become file names: S1.h5 and s1.h5 collide on macOS
+            spelled = ", ".join(f"{named[i]!r} (line {_line(i)})" for i in rows)
+            problems.append(
+                f"SLIDE ids {spelled} differ only in upper/lower case; their output files would "
+                "collide on case-insensitive file systems (macOS, Windows). Rename them apart."
+            )
     if "COHORT" not in table.columns:
         table["COHORT"] = DEFAULT_COHORT
     table.loc[table["COHORT"] == "", "COHORT"] = DEFAULT_COHORT
@@ -141,10 +149,13 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
             problems.append(f"line {_line(index)}, column PATH: empty")
         elif check_paths and not slide_path.is_file():
             problems.append(
-                f"line {_line(index)}, column PATH: {value!r} does not exist ({slide_path})"
+                f"line {_line(index)}, column PATH: {value!r} does not exist ({slide_path}); "
+                "fix the path or restore the file"
             )
         elif check_paths and not os.access(slide_path, os.R_OK):
-            problems.append(f"line {_line(index)}, column PATH: {value!r} is not readable")
+            problems.append(
+                f"line {_line(index)}, column PATH: {value!r} is not readable; fix its permissions"
+            )
     table["PATH"] = resolved
     _raise(what, path, problems)
     return table.set_index("SLIDE", drop=False)

@@ -60,15 +60,71 @@ def open_slide(path: str | os.PathLike[str], slide_id: str = "") -> openslide.Op
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as err:
-        raise SlideError(
-            f"{label}: not a slide format OpenSlide can read ({err}). Convert it to a pyramidal "
-            "TIFF/SVS or remove it from the slide sheet."
-        ) from err
+        problem = _why_unsupported(path)
+        what = (
+            f"OpenSlide cannot open it: {problem}"
+            if problem
+            else "not a slide format OpenSlide can read"
+        )
+        if "truncated" in problem:
+            advice = "Re-copy the slide from its source."
+        else:
+            advice = "Convert it to a tiled pyramidal TIFF/SVS or remove it from the slide sheet."
+        raise SlideError(f"{label}: {what} ({err}). {advice}") from err
     except openslide.OpenSlideError as err:
         raise SlideError(
             f"{label}: OpenSlide could not read it ({err}); the file may be truncated or corrupt. "
             "Re-copy the slide from its source."
         ) from err
+
+
+_MAGIC = {
+    b"\x89PNG": "it is a PNG image, not a whole-slide image",
+    b"\xff\xd8\xff": "it is a JPEG image, not a whole-slide image",
+    b"%PDF": "it is a PDF document",
+    b"PK\x03\x04": "it is a ZIP archive",
+}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _why_unsupported(path: Path) -> str:
+    """A guess at why OpenSlide refused a file: truncated TIFF, TIFF in strips, other format."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            return what
+    if not head.startswith(_TIFF_MAGIC):
+        return ""
+    try:
+        import tifffile  # only needed to explain a refused TIFF (not in every stage's env)
+    except ImportError:
+        return ""
+    size = path.stat().st_size
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # tifffile warns about the very damage we report
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [page for page in tif.pages if hasattr(page, "dataoffsets")]
+            end = max(
+                (
+                    o + n
+                    for page in pages
+                    for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)
+                ),
+                default=0,
+            )
+            tiled = any(page.is_tiled for page in pages)
+    except Exception:  # tifffile cannot parse it either
+        return "it is a TIFF whose structure is damaged (truncated or corrupt)"
+    finally:
+        quiet.setLevel(level)
+    if end > size:
+        return f"it is a TIFF truncated at {size} bytes (its image data runs to byte {end})"
+    if not tiled:
+        return "it is a TIFF stored in strips, and OpenSlide reads tiled TIFFs only"
+    return ""
 
 
 def _mpp_from_tiff_resolution(props: dict[str, str]) -> float | None:

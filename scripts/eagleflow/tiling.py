@@ -168,6 +168,14 @@ def iter_tiles(
         yield from executor.map(read, coords, chunksize=16)
 
 
+def _unreadable(label: str, where: str, err: Exception) -> SlideError:
+    """Reading pixel data failed although the slide opened: damaged or truncated image data."""
+    return SlideError(
+        f"{label}: reading {where} failed ({err}); the slide's image data is corrupt or "
+        "truncated. Re-copy the slide from its source, or remove it from the slide sheet."
+    )
+
+
 def tile_slide(
     path: str,
     slide_id: str,
@@ -190,7 +198,10 @@ def tile_slide(
         )
     mask_level = best_level(info, params.mask_mpp)
     scale_in_level = info.level_mpp(mask_level) / params.mask_mpp
-    thumbnail = read_level_downscaled(slide, info, mask_level, min(1.0, scale_in_level))
+    try:
+        thumbnail = read_level_downscaled(slide, info, mask_level, min(1.0, scale_in_level))
+    except openslide.OpenSlideError as err:
+        raise _unreadable(label, f"pyramid level {mask_level}", err) from err
     mask = tissue_mask(thumbnail, params)
     mask_scale = thumbnail.shape[1] / info.width
     fractions = _box_fractions(mask, xs, ys, size, mask_scale)
@@ -206,10 +217,17 @@ def tile_slide(
     level = best_level(info, params.tile_mpp)
     edges = np.empty(len(candidates), dtype=np.float32)
     tiles = iter_tiles(path, slide_id, info, candidates, level, size, params.tile_px, threads)
-    for i, tile in enumerate(
-        tqdm(tiles, total=len(candidates), desc=f"edges {slide_id}", disable=not progress)
-    ):
-        edges[i] = edge_fraction(tile, params.canny_low, params.canny_high)
+    done = 0
+    try:
+        for tile in tqdm(
+            tiles, total=len(candidates), desc=f"edges {slide_id}", disable=not progress
+        ):
+            edges[done] = edge_fraction(tile, params.canny_low, params.canny_high)
+            done += 1
+    except openslide.OpenSlideError as err:
+        x, y = candidates[done]
+        where = f"the tile at level-0 ({x}, {y}) on pyramid level {level}"
+        raise _unreadable(label, where, err) from err
     keep = edges >= params.min_edge_fraction
     if not keep.any():
         raise SlideError(
@@ -294,5 +312,9 @@ def run_tiling(
         log.warning("%s: %s", slide_id, table.info.mpp_warning)
     provenance = provenance_attrs("tiling", {**tiling_params.as_dict(), "sheet_mpp": sheet_mpp})
     write_qc_png(table, qc_png)
-    write_tiles(tiles_h5, table, provenance)
+    try:
+        write_tiles(tiles_h5, table, provenance)
+    except BaseException:
+        Path(qc_png).unlink(missing_ok=True)  # no QC picture of tiles that were never written
+        raise
     return table
