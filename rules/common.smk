@@ -124,7 +124,7 @@ def final_outputs():
     slides = SLIDES["SLIDE"]
     return (
         expand("results/qc/tiles/{slide}.png", slide=slides)
-        + expand("results/qc/topk/{slide}.png", slide=slides)
+        + expand("results/qc/topk/{batch}", batch=BATCHES)
         + ["results/embeddings/slides.h5", "results/embeddings/patients.h5"]
         + evaluation_outputs()
     )

@@ -27,32 +27,33 @@ rule eagle_virchow2_topk:
         "../scripts/eagle_virchow2_topk.py"
 
 
-rule eagle_topk_thumbnail:
+rule eagle_topk_thumbnails:
     input:
-        slide=slide_path,
-        tiles="results/tiles/{slide}.h5",
-        manifest=slide_batch_file("results/eagle/topk/batches/{batch}.tsv"),
+        manifest="results/eagle/topk/batches/{batch}.tsv",
+        tiles=batch_inputs("results/tiles/{slide}.h5"),
     output:
-        png=report(
-            "results/qc/topk/{slide}.png",
+        pngs=report(
+            directory("results/qc/topk/{batch}"),
+            patterns=["{slide}.png"],
             caption="../report/topk.rst",
             category="Top-k tiles",
             labels={"slide": "{slide}"},
         ),
     log:
-        "logs/eagle/thumbnail/{slide}.log",
+        "logs/eagle/thumbnails/{batch}.log",
     benchmark:
-        "benchmarks/eagle/thumbnail/{slide}.tsv"
+        "benchmarks/eagle/thumbnails/{batch}.tsv"
     conda:
         "../envs/slides.yaml"
     threads: 1
     resources:
         mem_mb=2000,
-        runtime=10,
+        runtime=30,
     params:
         code=stage_code_digest("thumbnail"),
+        slides=batch_params(tiles="results/tiles/{slide}.h5"),
     script:
-        "../scripts/eagle_topk_thumbnail.py"
+        "../scripts/eagle_topk_thumbnails.py"
 
 
 rule embeddings_collect:

@@ -36,11 +36,11 @@ def make_cohort(root: Path, n_slides: int, slides_per_batch: int) -> Path:
     for i, patient in enumerate(patients):
         link = slides_dir / f"S{i:06d}.tif"
         os.symlink(source.name, link)
-        lines.append(f"{patient},S{i:06d},slides/{link.name},{'INT' if i % 5 else 'EXT'}")
+        lines.append(f"{patient},S{i:06d},slides/{link.name},{'DEMO-INT' if i % 5 else 'DEMO-EXT'}")
     (root / "slides.csv").write_text("\n".join(lines) + "\n")
     unique = sorted(set(patients))
-    labels = [f"{p},{'AB'[j % 2]}" for j, p in enumerate(unique)]
-    (root / "clinical.csv").write_text("PATIENT,SUBTYPE\n" + "\n".join(labels) + "\n")
+    labels = [f"{p},{'AB'[j % 2]},{1 + j % 3}" for j, p in enumerate(unique)]  # the demo's tasks
+    (root / "clinical.csv").write_text("PATIENT,SUBTYPE,GRADE\n" + "\n".join(labels) + "\n")
     config = (REPO / "config" / "config.yaml").read_text()
     config = config.replace("resources/demo/slides.csv", str(root / "slides.csv"))
     config = config.replace("resources/demo/clinical.csv", str(root / "clinical.csv"))

@@ -59,7 +59,7 @@ def expected(*, tiles: int = 0, batches: int = 0, from_stage: str, thumbnails: i
         else:
             counts[rule] = 1
     if thumbnails:
-        counts["eagle_topk_thumbnail"] = thumbnails
+        counts["eagle_topk_thumbnails"] = thumbnails
     return {**counts, **HEADS}
 
 
@@ -77,39 +77,39 @@ def test_tiling_threshold_reruns_everything(finished_demo):
     n = len(slides_of(finished_demo))
     override = write_override(finished_demo, "canny.yaml", "tiling:\n  canny_low: 30\n")
     assert plan(finished_demo, override) == expected(
-        tiles=n, batches=2, from_stage="tiling_tile_slide", thumbnails=n
+        tiles=n, batches=2, from_stage="tiling_tile_slide", thumbnails=2
     )
 
 
 def test_top_k_reruns_virchow2_and_below_only(finished_demo):
-    n = len(slides_of(finished_demo))
+    len(slides_of(finished_demo))
     override = write_override(finished_demo, "topk.yaml", "eagle:\n  top_k: 3\n")
     assert plan(finished_demo, override) == expected(
-        batches=2, from_stage="eagle_virchow2_topk", thumbnails=n
+        batches=2, from_stage="eagle_virchow2_topk", thumbnails=2
     )
 
 
 def test_virchow2_weights_setting_reruns_virchow2_and_below_only(finished_demo):
-    n = len(slides_of(finished_demo))
+    len(slides_of(finished_demo))
     override = write_override(
         finished_demo,
         "v2.yaml",
         "models:\n  virchow2:\n    weights: demo\n    verify_sha256: false\n",
     )
     assert plan(finished_demo, override) == expected(
-        batches=2, from_stage="eagle_virchow2_topk", thumbnails=n
+        batches=2, from_stage="eagle_virchow2_topk", thumbnails=2
     )
 
 
 def test_chief_weights_setting_reruns_chief_and_below(finished_demo):
-    n = len(slides_of(finished_demo))
+    len(slides_of(finished_demo))
     override = write_override(
         finished_demo,
         "chief.yaml",
         "models:\n  chief:\n    weights: demo\n    verify_sha256: false\n",
     )
     assert plan(finished_demo, override) == expected(
-        batches=2, from_stage="attention_chief", thumbnails=n
+        batches=2, from_stage="attention_chief", thumbnails=2
     )
 
 
@@ -146,12 +146,12 @@ def test_adding_one_slide_plans_that_slide_and_its_batch(finished_demo):
         sheet.read_text() + f"DEMO-INT-001,{new_id},slides/DEMO-INT-001-S1.svs,DEMO-INT\n"
     )
     override = write_override(finished_demo, "plus.yaml", f"slide_sheet: {grown}\n")
-    batch = assign_batches([*slides, new_id], 2)[batch_of(new_id, 2)]
+    assign_batches([*slides, new_id], 2)[batch_of(new_id, 2)]
     counts = plan(finished_demo, override)
     assert counts == {
         "tiling_tile_slide": 1,
         **dict.fromkeys(BATCH_RULES, 1),
-        "eagle_topk_thumbnail": len(batch),  # their batch manifest is rewritten
+        "eagle_topk_thumbnails": 1,  # the figures of that batch
         "embeddings_collect": 1,
         **HEADS,
     }
@@ -163,9 +163,9 @@ def test_editing_one_stage_code_reruns_that_stage_and_below(finished_demo, tmp_p
     shutil.copytree(REPO, copy, ignore=ignore)  # copy2 keeps mtimes: only the edit differs
     module = copy / "scripts" / "eagleflow" / "attention.py"
     module.write_text(module.read_text() + "\n# an edit\n")
-    n = len(slides_of(finished_demo))
+    len(slides_of(finished_demo))
     assert plan(finished_demo, snakefile=copy / "Snakefile") == expected(
-        batches=2, from_stage="attention_chief", thumbnails=n
+        batches=2, from_stage="attention_chief", thumbnails=2
     )
 
 

@@ -6,6 +6,7 @@ import h5py
 import pytest
 from workflow_helpers import BIN, FAST, REPO, SNAKEMAKE, job_counts, run
 
+from eagleflow.batches import batch_of
 from eagleflow.h5io import read_tiles
 
 pytestmark = pytest.mark.workflow
@@ -36,7 +37,7 @@ def test_dry_run_plans_the_dag(demo_dir):
     )
     counts = job_counts(result.stdout)
     assert counts["tiling_tile_slide"] == len(slides)
-    assert counts["eagle_topk_thumbnail"] == len(slides)
+    assert counts["eagle_topk_thumbnails"] == 2
     for batch_rule in ("features_ctranspath", "attention_chief", "eagle_virchow2_topk"):
         assert counts[batch_rule] == 2
     assert counts["embeddings_collect"] == 1
@@ -53,7 +54,8 @@ def test_demo_run_makes_every_output_and_resumes_without_work(finished_demo):
         assert (demo_dir / "results" / "qc" / "tiles" / f"{slide_id}.png").stat().st_size > 0
         assert (demo_dir / "logs" / "tiling" / f"{slide_id}.log").exists()
         assert (demo_dir / "benchmarks" / "tiling" / f"{slide_id}.tsv").exists()
-        assert (demo_dir / "results" / "qc" / "topk" / f"{slide_id}.png").stat().st_size > 0
+        batch = batch_of(slide_id, 2)
+        assert (demo_dir / "results" / "qc" / "topk" / batch / f"{slide_id}.png").stat().st_size > 0
         for stage in ("features/ctranspath", "attention/chief", "eagle/topk"):
             assert (demo_dir / "results" / stage / f"{slide_id}.h5").exists()
     with h5py.File(demo_dir / "results" / "embeddings" / "patients.h5") as h5:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -89,15 +90,16 @@ def topk_figure(
     return np.concatenate([banner, pad(thumb), pad(mosaic)], axis=0)
 
 
-def write_topk_figure(
-    slide_path: str, slide_id: str, manifest: str, tiles_path: str, output: str
-) -> None:
-    """The `eagle_topk_thumbnail` rule."""
+def write_topk_figures(slides: list[dict[str, str]], manifest: str, output_dir: str) -> None:
+    """The `eagle_topk_thumbnails` rule: one figure per slide of a batch, `<slide>.png`."""
     from eagleflow.batches import read_manifest
 
-    topk_path = read_manifest(manifest)[slide_id]
-    figure = topk_figure(slide_path, slide_id, topk_path, tiles_path)
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(figure, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode {output}")
-    atomic_write_bytes(output, encoded.tobytes())
+    topk_files = read_manifest(manifest)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for slide in slides:
+        slide_id = slide["slide_id"]
+        figure = topk_figure(slide["slide_path"], slide_id, topk_files[slide_id], slide["tiles"])
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(figure, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OSError(f"could not encode the top-k figure of {slide_id}")
+        atomic_write_bytes(Path(output_dir) / f"{slide_id}.png", encoded.tobytes())
