@@ -5,7 +5,11 @@ CORES ?= 2
 PY := $(VENV)/bin/python
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: setup demo-data demo test lint format
+# `snakemake --profile slurm` searches ./slurm, ~/.config/snakemake/slurm ($XDG_CONFIG_HOME) and
+# /etc/xdg/snakemake/slurm, never profiles/: `make setup` links the user's profile folder here.
+SNAKEMAKE_PROFILES := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
+
+.PHONY: setup slurm-profile demo-data demo test test-fast lint format
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +17,17 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed slurm-profile
+
+slurm-profile:
+	@mkdir -p "$(SNAKEMAKE_PROFILES)"
+	@if [ -e "$(SNAKEMAKE_PROFILES)/slurm" ] && [ ! -L "$(SNAKEMAKE_PROFILES)/slurm" ]; then \
+		echo "$(SNAKEMAKE_PROFILES)/slurm exists and is not a link: left alone;" \
+		     "use: snakemake --profile $(CURDIR)/profiles/slurm"; \
+	else \
+		ln -sfn "$(CURDIR)/profiles/slurm" "$(SNAKEMAKE_PROFILES)/slurm" && \
+		echo "snakemake --profile slurm -> $(CURDIR)/profiles/slurm"; \
+	fi
 
 demo-data: setup
 	$(PY) scripts/make_demo.py --out resources/demo
@@ -24,6 +38,9 @@ demo: demo-data
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slurm and not workflow"
 
 lint: setup
 	$(VENV)/bin/ruff check scripts tests
