@@ -231,12 +231,15 @@ def test_slide_path_vanishes_after_validation(good_slide: Path, tmp_path: Path) 
     )
 
 
+# VmHWM is this process image's own peak; ru_maxrss would also count the forking parent's peak,
+# which Linux carries across exec (a pytest that loaded Virchow2 already holds gigabytes).
 _RSS_CHILD = """
-import resource, sys
+import re, sys
 from eagleflow.tiling import run_tiling, TilingParams
 table = run_tiling(sys.argv[1], "HUGE", TilingParams().as_dict(), None, sys.argv[2], sys.argv[3],
                    threads=2)
-print(len(table.coords), table.read_level, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(len(table.coords), table.read_level, peak_kb)
 """
 
 
