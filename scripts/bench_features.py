@@ -38,11 +38,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(device: torch.device, fn, *args, **kwargs):
-    sync(device)
+def timed(sync_device: torch.device, fn, *args, **kwargs):
+    sync(sync_device)
     start = time.perf_counter()
     result = fn(*args, **kwargs)
-    sync(device)
+    sync(sync_device)
     return result, time.perf_counter() - start
 
 
