@@ -32,7 +32,9 @@ import cv2
 import numpy as np
 import tifffile
 
+from eagleflow.h5io import atomic_write_bytes
 from eagleflow.provenance import code_version
+from eagleflow.weights import sha256_file
 
 # Bump whenever the bytes of any generated file change for the same seed.
 GENERATOR_VERSION = 1
@@ -613,31 +615,11 @@ def write_pyramid_tiff(
 # --------------------------------------------------------------------------- file helpers
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary name in the same directory, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_if_changed(path: Path, data: bytes) -> bool:
     """Atomically write unless the file already has these bytes (keeps mtimes for Snakemake)."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return True
 
 
@@ -788,7 +770,7 @@ def make_demo_cohort(
     )
     if not unchanged:
         manifest["code_version"] = code_version()
-        _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return DemoCohort(
         out_dir=out_dir,
         slides_csv=slides_csv,
