@@ -1,7 +1,8 @@
 rule eagle_virchow2_topk:
     input:
+        # The batch's tiles are upstream of this manifest (tiles -> features -> attention), so
+        # they are not listed again: each listing costs one DAG lookup per slide.
         attention="results/attention/chief/batches/{batch}.tsv",
-        tiles=batch_inputs("results/tiles/{slide}.h5"),
     output:
         manifest="results/eagle/topk/batches/{batch}.tsv",
     log:
@@ -30,7 +31,6 @@ rule eagle_virchow2_topk:
 rule eagle_topk_thumbnails:
     input:
         manifest="results/eagle/topk/batches/{batch}.tsv",
-        tiles=batch_inputs("results/tiles/{slide}.h5"),
     output:
         pngs=report(
             directory("results/qc/topk/{batch}"),

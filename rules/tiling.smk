@@ -22,6 +22,6 @@ rule tiling_tile_slide:
     params:
         code=stage_code_digest("tiling"),
         tiling=config["tiling"],
-        sheet_mpp=sheet_mpp,
+        sheet_mpp=sheet_mpp_param(),
     script:
         "../scripts/tiling_tile_slide.py"

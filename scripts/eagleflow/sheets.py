@@ -115,8 +115,12 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
         lines = ", ".join(str(_line(i)) for i in rows)
         problems.append(f"SLIDE {slide_id!r} appears on lines {lines}; slide ids must be unique")
     named = table["SLIDE"][table["SLIDE"] != ""]
-    for rows in named.groupby(named.str.casefold()).groups.values():
-        if named[rows].nunique() > 1:  # ids become file names: S1.h5 and s1.h5 collide on macOS
+    folded = named.str.casefold()
+    # Ids become file names: S1.h5 and s1.h5 collide on macOS. Only ids that share a folded
+    # spelling are grouped (grouping 10,000 unique ids one by one costs seconds at startup).
+    clashing = folded.duplicated(keep=False)
+    for rows in named[clashing].groupby(folded[clashing]).groups.values():
+        if named[rows].nunique() > 1:
             spelled = ", ".join(f"{named[i]!r} (line {_line(i)})" for i in rows)
             problems.append(
                 f"SLIDE ids {spelled} differ only in upper/lower case; their output files would "
@@ -126,28 +130,30 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
         table["COHORT"] = DEFAULT_COHORT
     table.loc[table["COHORT"] == "", "COHORT"] = DEFAULT_COHORT
     _check_ids(table, "COHORT", what, path, problems)
-    mpp = pd.Series(math.nan, index=table.index)
+    mpp = [math.nan] * len(table)
     if "MPP" in table.columns:
-        for index, value in table["MPP"].items():
+        for position, (index, value) in enumerate(table["MPP"].items()):
             if value == "":
                 continue
             try:
-                mpp[index] = float(value)
+                mpp[position] = float(value)
             except ValueError:
                 problems.append(f"line {_line(index)}, column MPP: {value!r} is not a number")
                 continue
-            if not 0 < mpp[index] < 100:
+            if not 0 < mpp[position] < 100:
                 problems.append(
                     f"line {_line(index)}, column MPP: {value} is not in (0, 100) µm/px"
                 )
-    table["MPP"] = mpp
+    table["MPP"] = pd.Series(mpp, index=table.index, dtype=float)
     resolved = []
+    sheet_dir = os.path.abspath(path.parent)
     for index, value in table["PATH"].items():
-        slide_path = Path(value) if os.path.isabs(value) else (path.parent / value)
-        resolved.append(str(slide_path.resolve()) if value else "")
+        # Absolute and normalised, symlinks kept: a linked slide keeps the name the user gave it.
+        slide_path = os.path.normpath(os.path.join(sheet_dir, value)) if value else ""
+        resolved.append(slide_path)
         if value == "":
             problems.append(f"line {_line(index)}, column PATH: empty")
-        elif check_paths and not slide_path.is_file():
+        elif check_paths and not os.path.isfile(slide_path):
             problems.append(
                 f"line {_line(index)}, column PATH: {value!r} does not exist ({slide_path}); "
                 "fix the path or restore the file"
