@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from eagleflow.batches import digest, is_up_to_date, write_manifest
-from eagleflow.features import GEOMETRY_ATTRS, configure_torch
+from eagleflow.batches import slides_to_compute, stage_params_sha256, write_manifest
+from eagleflow.features import FEATURES_SHAPES, GEOMETRY_ATTRS, configure_torch
 from eagleflow.h5io import (
     ATTENTION_FORMAT,
     FEATURES_FORMAT,
@@ -23,7 +23,7 @@ from eagleflow.h5io import (
     validate_h5,
     write_h5,
 )
-from eagleflow.provenance import provenance_attrs, stage_code_digest
+from eagleflow.provenance import provenance_attrs
 from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
@@ -48,51 +48,48 @@ def run_chief_batch(
 
     configure_torch(threads)
     info = resolve_configured("chief", model_cfg)
-    model = load_model("chief", info)
-    params_sha256 = digest(
-        {
-            "code": stage_code_digest("attention"),
-            "weights_sha256": info.sha256,
-            "aggregator": "chief",
-        }
+    params_sha256 = stage_params_sha256("attention", info.sha256, aggregator="chief")
+    todo = slides_to_compute(
+        slides,
+        "features",
+        lambda path: validate_h5(path, FEATURES_FORMAT, FEATURES_SHAPES),
+        ATTENTION_FORMAT,
+        ATTENTION_SHAPES,
+        params_sha256,
+        "CHIEF attention",
     )
-    for slide in slides:
-        feature_attrs = validate_h5(
-            slide["features"], FEATURES_FORMAT, {"feats": ("N", 768), "coords": ("N", 2)}
-        )
-        input_sha256 = str(feature_attrs["content_sha256"])
+    if todo:
+        model = load_model("chief", info)
+    for slide, feature_attrs in todo:
         output = slide["output"]
-        if not is_up_to_date(
-            output, ATTENTION_FORMAT, ATTENTION_SHAPES, params_sha256, input_sha256
-        ):
-            data, _ = read_h5(slide["features"])
-            feats = torch.from_numpy(data["feats"].astype(np.float32))
-            with torch.inference_mode():
-                result = model(feats)
-            raw = result.attention_raw.numpy().astype(np.float32)
-            attrs = {
-                "format": ATTENTION_FORMAT,
-                "aggregator": "chief",
-                "n_tiles": len(raw),
-                "attention_logsumexp": float(torch.logsumexp(result.attention_raw, 0)),
-                "ctranspath_weights_demo": feature_attrs["ctranspath_weights_demo"],
-                "ctranspath_weights_sha256": feature_attrs["ctranspath_weights_sha256"],
-                **{key: feature_attrs[key] for key in GEOMETRY_ATTRS},
-                **weights_attrs(info),
-                "params_sha256": params_sha256,
-                "input_sha256": input_sha256,
-                **provenance_attrs("attention_chief", {}),
-            }
-            write_h5(
-                output,
-                {
-                    "attention_raw": raw,
-                    "attention_softmax": result.attention_softmax.numpy().astype(np.float32),
-                    "coords": data["coords"],
-                    "chief_embedding": result.slide_embedding.numpy().astype(np.float32),
-                    "meanpool_embedding": feats.mean(0).numpy(),
-                },
-                attrs,
-            )
-            log.info("%s: CHIEF over %d tiles -> %s", slide["slide_id"], len(raw), output)
+        data, _ = read_h5(slide["features"])
+        feats = torch.from_numpy(data["feats"].astype(np.float32))
+        with torch.inference_mode():
+            result = model(feats)
+        raw = result.attention_raw.numpy().astype(np.float32)
+        attrs = {
+            "format": ATTENTION_FORMAT,
+            "aggregator": "chief",
+            "n_tiles": len(raw),
+            "attention_logsumexp": float(torch.logsumexp(result.attention_raw, 0)),
+            "ctranspath_weights_demo": feature_attrs["ctranspath_weights_demo"],
+            "ctranspath_weights_sha256": feature_attrs["ctranspath_weights_sha256"],
+            **{key: feature_attrs[key] for key in GEOMETRY_ATTRS},
+            **weights_attrs(info),
+            "params_sha256": params_sha256,
+            "input_sha256": str(feature_attrs["content_sha256"]),
+            **provenance_attrs("attention_chief", {}),
+        }
+        write_h5(
+            output,
+            {
+                "attention_raw": raw,
+                "attention_softmax": result.attention_softmax.numpy().astype(np.float32),
+                "coords": data["coords"],
+                "chief_embedding": result.slide_embedding.numpy().astype(np.float32),
+                "meanpool_embedding": feats.mean(0).numpy(),
+            },
+            attrs,
+        )
+        log.info("%s: CHIEF over %d tiles -> %s", slide["slide_id"], len(raw), output)
     write_manifest(manifest, slides, info.is_demo)

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,40 @@ def is_up_to_date(
         log.info("recomputing %s: its input changed", path)
         return False
     return True
+
+
+def stage_params_sha256(stage: str, weights_sha256: str, **settings: Any) -> str:
+    """What a stage's per-slide outputs are made with: its code, its weights, its settings."""
+    from eagleflow.provenance import stage_code_digest
+
+    return digest({"code": stage_code_digest(stage), "weights_sha256": weights_sha256, **settings})
+
+
+def slides_to_compute(
+    slides: Sequence[dict[str, str]],
+    input_key: str,
+    input_attrs: Callable[[str], Mapping[str, Any]],
+    output_format: str,
+    output_shapes: Mapping[str, tuple[int | str | None, ...]],
+    params_sha256: str,
+    what: str,
+) -> list[tuple[dict[str, str], Mapping[str, Any]]]:
+    """The slides of a batch whose output is missing, invalid or stale, with their input's attrs.
+
+    `input_attrs` reads (and may validate) the attributes of `slide[input_key]`; its
+    `content_sha256` is what the output must have been made from.
+    """
+    todo = []
+    for slide in slides:
+        attrs = input_attrs(slide[input_key])
+        input_sha256 = str(attrs["content_sha256"])
+        if is_up_to_date(
+            slide["output"], output_format, output_shapes, params_sha256, input_sha256
+        ):
+            log.info("%s: %s up to date, skipped", slide["slide_id"], what)
+        else:
+            todo.append((slide, attrs))
+    return todo
 
 
 MANIFEST_COLUMNS = ("slide", "path", "status", "content_sha256")

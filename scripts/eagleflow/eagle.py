@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from eagleflow.attention import ATTENTION_SHAPES
-from eagleflow.batches import digest, is_up_to_date, write_manifest
+from eagleflow.batches import slides_to_compute, stage_params_sha256, write_manifest
 from eagleflow.features import (
     GEOMETRY_ATTRS,
     TileGeometry,
@@ -27,7 +27,7 @@ from eagleflow.features import (
     resolve_device,
 )
 from eagleflow.h5io import ATTENTION_FORMAT, TOPK_FORMAT, read_h5, validate_h5, write_h5
-from eagleflow.provenance import provenance_attrs, stage_code_digest
+from eagleflow.provenance import provenance_attrs
 from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
@@ -75,21 +75,20 @@ def run_virchow2_batch(
     info = resolve_configured("virchow2", model_cfg)
     top_k = int(params["top_k"])
     transpose = bool(params["reference_transpose"])
-    params_sha256 = digest(
-        {
-            "code": stage_code_digest("eagle"),
-            "weights_sha256": info.sha256,
-            "top_k": top_k,
-            "reference_transpose": transpose,
-        }
+    params_sha256 = stage_params_sha256(
+        "eagle", info.sha256, top_k=top_k, reference_transpose=transpose
+    )
+    stale = slides_to_compute(
+        slides,
+        "attention",
+        lambda path: validate_h5(path, ATTENTION_FORMAT, ATTENTION_SHAPES),
+        TOPK_FORMAT,
+        TOPK_SHAPES,
+        params_sha256,
+        f"top-{top_k} embeddings",
     )
     todo = []
-    for slide in slides:
-        attention_attrs = validate_h5(slide["attention"], ATTENTION_FORMAT, ATTENTION_SHAPES)
-        input_sha256 = str(attention_attrs["content_sha256"])
-        if is_up_to_date(slide["output"], TOPK_FORMAT, TOPK_SHAPES, params_sha256, input_sha256):
-            log.info("%s: top-%d embeddings up to date, skipped", slide["slide_id"], top_k)
-            continue
+    for slide, attention_attrs in stale:
         data, _ = read_h5(slide["attention"])
         selected = top_k_indices(data["attention_raw"], top_k)
         geometry = TileGeometry.from_tiles_file(slide["tiles"], slide["slide_path"])
@@ -102,23 +101,21 @@ def run_virchow2_batch(
                 len(selected),
                 top_k,
             )
-        todo.append(
-            (slide, input_sha256, attention_attrs, selected, data, geometry.subset(selected))
-        )
+        todo.append((slide, attention_attrs, selected, data, geometry.subset(selected)))
     if todo:
         device = resolve_device(params["device"])
         model = load_model("virchow2", info, device=device)  # info: already hashed and checked
         for index, embeddings in embed_slides(
             model,
             "virchow2",
-            [item[5] for item in todo],
+            [item[4] for item in todo],
             device,
             int(params["batch_size"]),
             int(params["num_workers"]),
             transpose=transpose,
             desc="Virchow2",
         ):
-            slide, input_sha256, attention_attrs, selected, data, geometry = todo[index]
+            slide, attention_attrs, selected, data, geometry = todo[index]
             scores = data["attention_raw"][selected]
             mean, weighted = aggregate(embeddings, scores)
             attrs = {
@@ -139,7 +136,7 @@ def run_virchow2_batch(
                 },
                 **weights_attrs(info),
                 "params_sha256": params_sha256,
-                "input_sha256": input_sha256,
+                "input_sha256": str(attention_attrs["content_sha256"]),
                 **provenance_attrs("eagle_virchow2_topk", params),
             }
             write_h5(

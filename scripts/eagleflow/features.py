@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from eagleflow.batches import digest, is_up_to_date, write_manifest
+from eagleflow.batches import slides_to_compute, stage_params_sha256, write_manifest
 from eagleflow.h5io import FEATURES_FORMAT, read_attrs, read_tiles, write_h5
-from eagleflow.provenance import provenance_attrs, stage_code_digest
+from eagleflow.provenance import provenance_attrs
 from eagleflow.slides import open_slide, read_tile
 from eagleflow.weights import resolve_configured
 
@@ -40,6 +40,7 @@ GEOMETRY_ATTRS = (
     "read_level",
     "read_level_downsample",
 )
+FEATURES_SHAPES = {"feats": ("N", 768), "coords": ("N", 2)}
 
 
 @dataclass(frozen=True)
@@ -217,21 +218,10 @@ def run_ctranspath_batch(
 
     configure_torch(threads)
     info = resolve_configured("ctranspath", model_cfg)
-    params_sha256 = digest(
-        {
-            "code": stage_code_digest("features"),
-            "weights_sha256": info.sha256,
-            "extractor": "ctranspath",
-        }
+    params_sha256 = stage_params_sha256("features", info.sha256, extractor="ctranspath")
+    todo = slides_to_compute(
+        slides, "tiles", read_attrs, FEATURES_FORMAT, FEATURES_SHAPES, params_sha256, "features"
     )
-    shapes = {"feats": ("N", 768), "coords": ("N", 2)}
-    todo = []
-    for slide in slides:
-        input_sha256 = str(read_attrs(slide["tiles"])["content_sha256"])
-        if is_up_to_date(slide["output"], FEATURES_FORMAT, shapes, params_sha256, input_sha256):
-            log.info("%s: features up to date, skipped", slide["slide_id"])
-        else:
-            todo.append((slide, input_sha256))
     if todo:
         device = resolve_device(params["device"])
         model = load_model("ctranspath", info, device=device)  # info: already hashed and checked
@@ -245,8 +235,7 @@ def run_ctranspath_batch(
             int(params["num_workers"]),
             desc="CTransPath",
         ):
-            slide, input_sha256 = todo[index]
-            tiles_attrs = read_attrs(slide["tiles"])
+            slide, tiles_attrs = todo[index]
             attrs = {
                 "format": FEATURES_FORMAT,
                 "extractor": "ctranspath",
@@ -256,7 +245,7 @@ def run_ctranspath_batch(
                 **{key: tiles_attrs[key] for key in GEOMETRY_ATTRS},
                 **weights_attrs(info),
                 "params_sha256": params_sha256,
-                "input_sha256": input_sha256,
+                "input_sha256": str(tiles_attrs["content_sha256"]),
                 **provenance_attrs("features_ctranspath", params),
             }
             write_h5(

@@ -40,7 +40,8 @@ class DiskFullError(EagleflowError, OSError):
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process with this id exists (possibly owned by another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +55,7 @@ def _remove_stale_temporaries(final: Path) -> None:
     """Delete temporaries of `final` left by killed writers (their process no longer exists)."""
     for stale in final.parent.glob(f".{final.name}.tmp.*"):
         pid = stale.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 

@@ -81,6 +81,12 @@ class TaskSpec:
         )
 
 
+def _dataclass_fields_of(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a rule's `params` that are fields of dataclass `cls` (others belong elsewhere)."""
+    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    return {k: v for k, v in params.items() if k in known}
+
+
 def _as_number(text: str) -> float | None:
     try:
         value = float(text)
@@ -364,8 +370,7 @@ class MLPParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> MLPParams:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in params.items() if k in known})
+        return cls(**_dataclass_fields_of(cls, params))
 
 
 def make_mlp(in_features: int, n_classes: int, hidden: int = 256, dropout: float = 0.5) -> Any:
@@ -663,8 +668,7 @@ class FewshotParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FewshotParams:
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in params.items() if k in known}
+        values = _dataclass_fields_of(cls, params)
         if "shots" in values:
             values["shots"] = tuple(int(k) for k in values["shots"])
         return cls(**values)

@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # also run by hand
+from eagleflow.h5io import pid_alive
+
 STATE = Path(os.environ.get("EAGLE_SLURM_STATE", "/tmp/eagleflow-slurm-harness"))
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 CLIENTS = ("srun", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
@@ -206,13 +209,9 @@ def ensure_installed(log=print) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Like eagleflow's pid_alive, but a zombie (our own exited child) is reaped, not alive."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
-    # A zombie (our own exited child) is not alive.
     with contextlib.suppress(OSError):
         status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         if status == "Z":
