@@ -128,7 +128,7 @@ def sheet_rows():
     return [
         {"slide_id": slide, "patient": patient, "cohort": cohort}
         for slide, patient, cohort in zip(
-            SLIDES.index, SLIDES["PATIENT"], SLIDES["COHORT"]
+            SLIDES.index, SLIDES["PATIENT"], SLIDES["COHORT"], strict=True
         )
     ]
 

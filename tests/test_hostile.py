@@ -39,6 +39,7 @@ from workflow_helpers import SNAKEMAKE, job_counts, run
 
 from eagleflow.demo import make_hostile_slides
 from eagleflow.errors import EagleflowError
+from eagleflow.failures import tiling_status
 from eagleflow.h5io import DiskFullError, FormatError, read_tiles, validate_tiles, write_h5
 from eagleflow.sheets import (
     SheetError,
@@ -637,6 +638,12 @@ def test_keep_going_finishes_good_slides_and_reruns_only_failures(tmp_path: Path
         assert f"ERROR eagleflow: slide {slide!r} (" in log and expected in log, log
         assert "Traceback" not in log
         assert f"log: logs/tiling/{slide}.log (check log file(s) for error details)" in output
+    # scripts/failed_slides.py reads the same outcome back from the run's files
+    statuses = {s.slide_id: s for s in tiling_status(work / "resources" / "slides.csv", work)}
+    assert {k for k, s in statuses.items() if s.status == "failed"} == set(bad)
+    assert statuses[VANISH].status == "not run"
+    for slide, expected in BAD_SLIDES.values():
+        assert expected in statuses[slide].message
     # Snakemake itself notices the vanished input before starting the job, and names it
     assert "Missing files after 1 seconds" in output and str(vanish) in output
     assert not (logs / f"{VANISH}.log").exists()  # the job never started
