@@ -1,4 +1,5 @@
 # Helpers: config and sheet validation, wildcard constraints, input and parameter functions.
+import os
 import re
 import sys
 from pathlib import Path
@@ -133,10 +134,33 @@ def sheet_rows():
     ]
 
 
+def file_stems(folder, suffix):
+    """Names (without `suffix`) of the files in `folder`: one directory listing, no stat per file."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name[: -len(suffix)] for e in entries if e.name.endswith(suffix)}
+    except FileNotFoundError:
+        return set()
+
+
+def lost_tiling_qc():
+    """QC pictures missing beside an existing tiles file (deleted by hand), so they are redrawn.
+
+    The others come with the tiles every batch needs: listing all 10,000 would cost seconds of
+    planning for nothing.
+    """
+    lost = file_stems("results/tiles", ".h5") - file_stems("results/qc/tiles", ".png")
+    return [
+        f"results/qc/tiles/{slide}.png"
+        for slide in sorted(lost)
+        if slide in SLIDE_PATHS
+    ]
+
+
 def final_outputs():
-    # Tiling QC pictures come with the tiles every batch needs; not listed per slide here.
     return (
-        expand("results/qc/topk/{batch}", batch=BATCHES)
+        lost_tiling_qc()
+        + expand("results/qc/topk/{batch}", batch=BATCHES)
         + ["results/embeddings/slides.h5", "results/embeddings/patients.h5"]
         + evaluation_outputs()
     )

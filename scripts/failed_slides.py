@@ -2,7 +2,9 @@
 
     .venv/bin/python scripts/failed_slides.py [--configfile config/config.yaml] [--write-sheet OUT]
 
-Exit status 0 when every slide of the sheet is tiled, 1 otherwise.
+Prints a count per status, then one line per failed slide (its job logged why: the slide itself
+is unusable) and per unfinished one (a log but no reason: killed, cancelled or still running;
+rerun those). --write-sheet drops only the failed ones. Exit status 0 when every slide is tiled.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from eagleflow.failures import tiling_status, write_sheet_without
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--configfile", type=Path, default=Path("config/config.yaml"), help="names the slide sheet"
+        "--configfile",
+        type=Path,
+        default=Path("config/config.yaml"),
+        help="the run's config (names the slide sheet, relative to --directory)",
     )
     parser.add_argument("--directory", type=Path, default=Path("."), help="the run's directory")
     parser.add_argument(
@@ -39,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = Counter(s.status for s in statuses)
     print(f"{sheet}: {len(statuses)} slides; " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     failed = [s for s in statuses if s.status == "failed"]
-    for status in failed:
-        print(f"failed\t{status.slide_id}\t{status.message}")
+    for status in statuses:
+        if status.status in ("failed", "unfinished"):
+            print(f"{status.status}\t{status.slide_id}\t{status.message}")
     if args.write_sheet:
         kept = write_sheet_without(sheet, {s.slide_id for s in failed}, args.write_sheet)
         print(f"wrote {args.write_sheet}: {kept} slides (the {len(failed)} failed ones removed)")

@@ -101,3 +101,23 @@ def test_duplicate_patients_in_clinical_table(slide_files):
     clinical = write(slide_files / "clinical.csv", "PATIENT,SUBTYPE\nP1,A\nP1,B\n")
     with pytest.raises(SheetError, match="PATIENT 'P1' appears on lines 2, 3"):
         read_clinical_table(clinical)
+
+
+def test_linked_slide_keeps_its_name_and_dotdot_follows_linked_folders(tmp_path):
+    real = tmp_path / "gpfs" / "project"
+    (real / "slides").mkdir(parents=True)
+    (real / "sheets").mkdir()
+    (real / "slides" / "x.svs").write_bytes(b"x")
+    (real / "slides" / "alias.svs").symlink_to("x.svs")
+    # The user reaches the sheet folder through a link, as home-directory links to GPFS do;
+    # '..' from there means the linked folder's parent, as the OS resolves it when opening.
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "sheets").symlink_to(real / "sheets")
+    (tmp_path / "home" / "slides").mkdir()  # a decoy that text-only '..' handling would pick
+    sheet = write(
+        tmp_path / "home" / "sheets" / "slides.csv",
+        "PATIENT,SLIDE,PATH\nP1,S1,../slides/x.svs\nP1,S2,../slides/alias.svs\n",
+    )
+    table = read_slide_sheet(sheet)
+    assert table.at["S1", "PATH"] == str(real / "slides" / "x.svs")
+    assert table.at["S2", "PATH"] == str(real / "slides" / "alias.svs")  # link not followed

@@ -12,19 +12,20 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
-from eagleflow.sheets import read_slide_sheet
+from eagleflow.sheets import read_slide_sheet, read_table
 
 # "2026-11-23 09:19:58 ERROR eagleflow: slide 'X' (...): ..." -> the part after the logger name
 _ERROR_LINE = re.compile(r"^\S+ \S+ ERROR [\w.]+: (?P<message>.*)$")
+_STOPPED = "stopped by "  # logutil.run_rule on SIGTERM: the job was cancelled, the slide is fine
 
 
 @dataclass(frozen=True)
 class SlideStatus:
     slide_id: str
     patient: str
-    status: str  # "tiled", "failed" or "not run"
+    # "tiled"; "failed" (the job logged why); "unfinished" (a log but no reason: killed, e.g. out
+    # of memory, stopped by a time limit, or still running); "not run" (no log yet)
+    status: str
     message: str
 
 
@@ -43,14 +44,16 @@ def tiling_status(
             statuses.append(SlideStatus(slide_id, patient, "tiled", ""))
             continue
         log_path = workdir / "logs" / "tiling" / f"{slide_id}.log"
-        errors = []
-        if log_path.is_file():
-            lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            errors = [m["message"] for line in lines if (m := _ERROR_LINE.match(line))]
-        if errors:
+        if not log_path.is_file():
+            statuses.append(SlideStatus(slide_id, patient, "not run", ""))
+            continue
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        errors = [m["message"] for line in lines if (m := _ERROR_LINE.match(line))]
+        if errors and not errors[-1].startswith(_STOPPED):
             statuses.append(SlideStatus(slide_id, patient, "failed", errors[-1]))
         else:
-            statuses.append(SlideStatus(slide_id, patient, "not run", ""))
+            reason = errors[-1] if errors else "no reason logged (killed, or still running)"
+            statuses.append(SlideStatus(slide_id, patient, "unfinished", reason))
     return statuses
 
 
@@ -64,13 +67,11 @@ def write_sheet_without(
     """
     source, out = Path(slide_sheet), Path(out)
     sep = "\t" if source.suffix.lower() in (".tsv", ".txt") else ","
-    table = pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    kept = table[~table["SLIDE"].str.strip().isin(slide_ids)].copy()
+    table = read_table(source, "slide sheet")
+    kept = table[~table["SLIDE"].isin(slide_ids)].copy()
     if source.resolve().parent != out.resolve().parent:
         kept["PATH"] = [
-            value
-            if os.path.isabs(value.strip())
-            else os.path.relpath(source.parent / value.strip(), out.parent)
+            value if os.path.isabs(value) else os.path.relpath(source.parent / value, out.parent)
             for value in kept["PATH"]
         ]
     out.parent.mkdir(parents=True, exist_ok=True)

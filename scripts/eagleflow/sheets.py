@@ -33,7 +33,7 @@ class SheetError(EagleflowError, ValueError):
     """The slide sheet or the clinical table is wrong; the message lists every problem found."""
 
 
-def _read_table(path: str | os.PathLike[str], what: str) -> pd.DataFrame:
+def read_table(path: str | os.PathLike[str], what: str) -> pd.DataFrame:
     """CSV or TSV (by extension; '.tsv'/'.txt' are tab-separated), every cell read as text."""
     path = Path(path)
     if not path.is_file():
@@ -87,6 +87,18 @@ def _raise(what: str, path: Path, problems: list[str]) -> None:
         raise SheetError(f"{what} {path} has {len(problems)} problem(s):\n  - {shown}{more}")
 
 
+def absolute_slide_path(sheet_dir: str, value: str) -> str:
+    """`value` made absolute against the sheet's folder; a linked slide keeps its own name.
+
+    '..' is resolved by the file system (through symlinked folders, as opening would), not as
+    text; without '..', normalising the text is exact and costs no system call.
+    """
+    joined = os.path.join(sheet_dir, value)
+    if ".." in Path(value).parts:
+        return os.path.join(os.path.realpath(os.path.dirname(joined)), os.path.basename(joined))
+    return os.path.normpath(joined)
+
+
 def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> pd.DataFrame:
     """Validated slide sheet indexed by SLIDE, with PATH resolved and MPP as float (NaN if absent).
 
@@ -94,7 +106,7 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
     """
     path = Path(path)
     what = "slide sheet"
-    table = _read_table(path, what)
+    table = read_table(path, what)
     problems: list[str] = []
     missing = [c for c in SLIDE_REQUIRED if c not in table.columns]
     unknown = [c for c in table.columns if c not in SLIDE_REQUIRED + SLIDE_OPTIONAL]
@@ -146,11 +158,10 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
                 )
     table["MPP"] = pd.Series(mpp, index=table.index, dtype=float)
     resolved = []
-    sheet_dir = os.path.abspath(path.parent)
+    sheet_dir = os.path.realpath(path.parent)
     for index, value in table["PATH"].items():
-        # Absolute and normalised, symlinks kept: a linked slide keeps the name the user gave it.
-        slide_path = os.path.normpath(os.path.join(sheet_dir, value)) if value else ""
-        resolved.append(slide_path)
+        resolved.append(absolute_slide_path(sheet_dir, value) if value else "")
+        slide_path = resolved[-1]
         if value == "":
             problems.append(f"line {_line(index)}, column PATH: empty")
         elif check_paths and not os.path.isfile(slide_path):
@@ -171,7 +182,7 @@ def read_clinical_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Validated clinical table indexed by PATIENT; label cells stay text ('' = missing)."""
     path = Path(path)
     what = "clinical table"
-    table = _read_table(path, what)
+    table = read_table(path, what)
     problems: list[str] = []
     if "PATIENT" not in table.columns:
         _raise(what, path, [f"missing column 'PATIENT' (columns are {list(table.columns)})"])
