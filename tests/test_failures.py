@@ -77,14 +77,18 @@ def test_sheet_without_failures_keeps_columns_and_resolves_paths(run_dir: Path) 
     assert "slides/s1.tif" in (run_dir / "data" / "clean.csv").read_text(encoding="utf-8")
 
 
-def test_command_lists_failures_and_exits_nonzero(run_dir: Path) -> None:
-    result = subprocess.run(
+def failed_slides(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [*COMMAND, "--configfile", "config.yaml", "--write-sheet", "clean.csv"],
         cwd=run_dir,
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(REPO / "scripts")},
     )
+
+
+def test_command_lists_failures_and_exits_nonzero(run_dir: Path) -> None:
+    result = failed_slides(run_dir)
     lines = result.stdout.splitlines()
     assert result.returncode == 1 and lines, result.stderr
     assert lines[0].endswith("5 slides; 1 tiled, 1 failed, 2 unfinished, 1 not run"), lines[0]
@@ -102,11 +106,5 @@ def test_command_names_patients_left_without_slides(run_dir: Path) -> None:
     (run_dir / "logs" / "tiling" / "S3.log").write_text(
         log_line("ERROR", "slide 'S3' (s3.tif): no tissue found"), encoding="utf-8"
     )
-    result = subprocess.run(
-        [*COMMAND, "--configfile", "config.yaml", "--write-sheet", "clean.csv"],
-        cwd=run_dir,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO / "scripts")},
-    )
+    result = failed_slides(run_dir)
     assert "1 patient(s) have no slide left (P2)" in result.stdout, result.stdout + result.stderr
