@@ -13,6 +13,14 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shrink(image: np.ndarray, factor: int) -> np.ndarray:
+    """`image` at 1/`factor` of its size (pixel-area averaging), as a pyramid level."""
+    if factor == 1:
+        return image
+    size = (image.shape[1] // factor, image.shape[0] // factor)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def write_pyramid(
     path: Path,
     image: np.ndarray,
@@ -22,15 +30,7 @@ def write_pyramid(
     """A tiled JPEG generic TIFF; MPP (if given) in the resolution tags, as OpenSlide reads it."""
     with tifffile.TiffWriter(path) as tiff:
         for i, factor in enumerate(downsamples):
-            level = (
-                image
-                if factor == 1
-                else cv2.resize(
-                    image,
-                    (image.shape[1] // factor, image.shape[0] // factor),
-                    interpolation=cv2.INTER_AREA,
-                )
-            )
+            level = shrink(image, factor)
             extra = {}
             if mpp is not None:
                 extra = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"}

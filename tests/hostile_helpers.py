@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tifffile
 import yaml
-from conftest import REPO, tissue_image, write_pyramid
+from conftest import REPO, shrink, tissue_image, write_pyramid
 from workflow_helpers import FAST_CONFIG
 
 # Bad slides of the workflow test: hostile file name -> (slide id, what its log must say).
@@ -57,15 +56,7 @@ def _sparse_tiles(
     width: int, height: int, factor: int, patch: np.ndarray, origin: tuple[int, int], tile: int
 ) -> Iterator[np.ndarray | None]:
     """Row-major tiles of one pyramid level; None (stored as an empty tile) away from the patch."""
-    small = (
-        patch
-        if factor == 1
-        else cv2.resize(
-            patch,
-            (patch.shape[1] // factor, patch.shape[0] // factor),
-            interpolation=cv2.INTER_AREA,
-        )
-    )
+    small = shrink(patch, factor)
     px, py = origin[0] // factor, origin[1] // factor
     ph, pw = small.shape[:2]
     for ty in range(0, height, tile):

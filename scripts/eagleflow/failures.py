@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from eagleflow.sheets import read_slide_sheet, read_table
+from eagleflow.logutil import STOPPED_PREFIX
+from eagleflow.sheets import read_slide_sheet, read_table, table_separator
 
 # "2026-11-23 09:19:58 ERROR eagleflow: slide 'X' (...): ..." -> the part after the logger name
 _ERROR_LINE = re.compile(r"^\S+ \S+ ERROR [\w.]+: (?P<message>.*)$")
-_STOPPED = "stopped by "  # logutil.run_rule on SIGTERM: the job was cancelled, the slide is fine
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ def tiling_status(
             continue
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         errors = [m["message"] for line in lines if (m := _ERROR_LINE.match(line))]
-        if errors and not errors[-1].startswith(_STOPPED):
+        # A job cancelled by SIGTERM logs an error too, but its slide is fine.
+        if errors and not errors[-1].startswith(STOPPED_PREFIX):
             statuses.append(SlideStatus(slide_id, patient, "failed", errors[-1]))
         else:
             reason = errors[-1] if errors else "no reason logged (killed, or still running)"
@@ -66,7 +67,6 @@ def write_sheet_without(
     Returns the number of rows kept.
     """
     source, out = Path(slide_sheet), Path(out)
-    sep = "\t" if source.suffix.lower() in (".tsv", ".txt") else ","
     table = read_table(source, "slide sheet")
     kept = table[~table["SLIDE"].isin(slide_ids)].copy()
     if source.resolve().parent != out.resolve().parent:
@@ -75,5 +75,5 @@ def write_sheet_without(
             for value in kept["PATH"]
         ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept.to_csv(out, sep=sep, index=False)
+    kept.to_csv(out, sep=table_separator(source), index=False)
     return len(kept)

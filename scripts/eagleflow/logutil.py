@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 log = logging.getLogger("eagleflow")
+# How a job cancelled by SIGTERM starts its last log line (scripts/failed_slides.py reads it).
+STOPPED_PREFIX = "stopped by "
 
 
 def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> None:
@@ -64,7 +66,8 @@ def run_rule(log_path: str | None, func: Callable[..., Any], /, **kwargs: Any) -
         _fail(str(err))
     except Terminated as stop:
         log.error(
-            "stopped by %s; outputs not finished were removed. Rerun the workflow to redo this job.",
+            "%s%s; outputs not finished were removed. Rerun the workflow to redo this job.",
+            STOPPED_PREFIX,
             stop,
         )
         logging.shutdown()

@@ -33,6 +33,11 @@ class SheetError(EagleflowError, ValueError):
     """The slide sheet or the clinical table is wrong; the message lists every problem found."""
 
 
+def table_separator(path: str | os.PathLike[str]) -> str:
+    """Tab for '.tsv'/'.txt' files, comma otherwise."""
+    return "\t" if Path(path).suffix.lower() in (".tsv", ".txt") else ","
+
+
 def read_table(path: str | os.PathLike[str], what: str) -> pd.DataFrame:
     """CSV or TSV (by extension; '.tsv'/'.txt' are tab-separated), every cell read as text."""
     path = Path(path)
@@ -47,7 +52,7 @@ def read_table(path: str | os.PathLike[str], what: str) -> pd.DataFrame:
             f"{what} {path}: line {line} is not valid UTF-8 (byte offset {err.start}). Save the "
             "file as UTF-8 (e.g. 'Save as CSV UTF-8' in a spreadsheet program)."
         ) from err
-    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    sep = table_separator(path)
     if not text.strip():
         raise SheetError(
             f"{what} {path}: the file is empty; it needs a header and one row or more."
