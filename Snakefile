@@ -16,6 +16,7 @@ include: "rules/tiling.smk"
 include: "rules/features.smk"
 include: "rules/attention.smk"
 include: "rules/eagle.smk"
+include: "rules/embeddings.smk"
 include: "rules/heads.smk"
 include: "rules/evaluation.smk"
 

@@ -14,7 +14,7 @@ rule attention_chief:
         mem_mb=4000,
         runtime=30,
     params:
-        code=stage_code_digest("attention"),
+        code=stage_code_digest("attention_chief"),
         slides=batch_params(
             features="results/features/ctranspath/{slide}.h5",
             output="results/attention/chief/{slide}.h5",

@@ -14,9 +14,9 @@ from eagleflow.sheets import (  # noqa: E402
     read_clinical_table,
     read_slide_sheet,
 )
-from eagleflow.batches import assign_batches, batch_of  # noqa: E402
+from eagleflow.batches import assign_batches  # noqa: E402
 from eagleflow.h5io import EMBEDDING_NAMES  # noqa: E402
-from eagleflow.heads import validate_tasks  # noqa: E402
+from eagleflow.tasks import validate_tasks  # noqa: E402
 from eagleflow.provenance import stage_code_digest  # noqa: E402
 from eagleflow.weights import check_weights_config  # noqa: E402
 
@@ -109,15 +109,6 @@ def batch_params(**patterns):
         ]
 
     return params
-
-
-def slide_batch_file(pattern):
-    """Input function: `pattern` filled with the batch of the job's slide."""
-
-    def inputs(wildcards):
-        return pattern.format(batch=batch_of(wildcards.slide, N_BATCHES))
-
-    return inputs
 
 
 def eagle_params():

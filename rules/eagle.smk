@@ -16,7 +16,7 @@ rule eagle_virchow2_topk:
         mem_mb=16000,
         runtime=120,
     params:
-        code=stage_code_digest("eagle"),
+        code=stage_code_digest("eagle_virchow2_topk"),
         slides=batch_params(
             tiles="results/tiles/{slide}.h5",
             attention="results/attention/chief/{slide}.h5",
@@ -50,35 +50,7 @@ rule eagle_topk_thumbnails:
         mem_mb=2000,
         runtime=30,
     params:
-        code=stage_code_digest("thumbnail"),
+        code=stage_code_digest("eagle_topk_thumbnails"),
         slides=batch_params(tiles="results/tiles/{slide}.h5"),
     script:
         "../scripts/eagle_topk_thumbnails.py"
-
-
-rule embeddings_collect:
-    input:
-        attention=expand("results/attention/chief/batches/{batch}.tsv", batch=BATCHES),
-        topk=expand("results/eagle/topk/batches/{batch}.tsv", batch=BATCHES),
-    output:
-        slides="results/embeddings/slides.h5",
-        patients="results/embeddings/patients.h5",
-    log:
-        "logs/embeddings/collect.log",
-    benchmark:
-        "benchmarks/embeddings/collect.tsv"
-    conda:
-        "../envs/torch.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    params:
-        code=stage_code_digest("embeddings"),
-        slides=sheet_rows(),
-        eagle={
-            "top_k": config["eagle"]["top_k"],
-            "aggregation": config["eagle"]["aggregation"],
-        },
-    script:
-        "../scripts/embeddings_collect.py"

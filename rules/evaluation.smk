@@ -28,7 +28,7 @@ rule evaluation_metrics:
         mem_mb=2000,
         runtime=30,
     params:
-        code=stage_code_digest("evaluation"),
+        code=stage_code_digest("evaluation_metrics"),
         task=task_params,
         bootstrap=config["heads"]["bootstrap"],
     script:
@@ -78,7 +78,7 @@ rule evaluation_figures:
         mem_mb=2000,
         runtime=15,
     params:
-        code=stage_code_digest("figures"),
+        code=stage_code_digest("evaluation_figures"),
         task=task_params,
     script:
         "../scripts/evaluation_figures.py"
@@ -130,9 +130,9 @@ rule evaluation_summary:
         mem_mb=2000,
         runtime=10,
     params:
-        code=stage_code_digest("evaluation"),
+        code=stage_code_digest("evaluation_summary"),
     script:
-        "../scripts/evaluation_metrics.py"
+        "../scripts/evaluation_summary.py"
 
 
 rule evaluation_umap:
@@ -157,11 +157,11 @@ rule evaluation_umap:
         mem_mb=4000,
         runtime=30,
     params:
-        code=stage_code_digest("figures"),
+        code=stage_code_digest("evaluation_umap"),
         umap=config["evaluation"]["umap"],
         labels=task_labels(),
     script:
-        "../scripts/evaluation_figures.py"
+        "../scripts/evaluation_umap.py"
 
 
 rule evaluation_retrieval:
@@ -191,7 +191,7 @@ rule evaluation_retrieval:
         mem_mb=4000,
         runtime=15,
     params:
-        code=stage_code_digest("figures"),
+        code=stage_code_digest("evaluation_retrieval"),
         retrieval=config["evaluation"]["retrieval"],
     script:
-        "../scripts/evaluation_figures.py"
+        "../scripts/evaluation_retrieval.py"

@@ -14,7 +14,7 @@ rule features_ctranspath:
         mem_mb=8000,
         runtime=120,
     params:
-        code=stage_code_digest("features"),
+        code=stage_code_digest("features_ctranspath"),
         slides=batch_params(
             tiles="results/tiles/{slide}.h5",
             output="results/features/ctranspath/{slide}.h5",

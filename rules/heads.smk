@@ -19,7 +19,7 @@ rule heads_mlp_crossval:
         mem_mb=4000,
         runtime=60,
     params:
-        code=stage_code_digest("heads"),
+        code=stage_code_digest("heads_mlp_crossval"),
         task=task_params,
         mlp=config["heads"]["mlp"],
     script:
@@ -44,7 +44,7 @@ rule heads_fewshot:
         mem_mb=4000,
         runtime=30,
     params:
-        code=stage_code_digest("heads"),
+        code=stage_code_digest("heads_fewshot"),
         task=task_params,
         fewshot=config["heads"]["fewshot"],
     script:

@@ -20,7 +20,7 @@ rule tiling_tile_slide:
         mem_mb=4000,
         runtime=30,
     params:
-        code=stage_code_digest("tiling"),
+        code=stage_code_digest("tiling_tile_slide"),
         tiling=config["tiling"],
         sheet_mpp=sheet_mpp_param(),
     script:

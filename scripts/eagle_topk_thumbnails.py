@@ -1,7 +1,7 @@
 """Rule eagle_topk_thumbnails: per slide of a batch, its top-k tiles boxed and ranked."""
 
 from eagleflow.logutil import run_rule
-from eagleflow.plots import write_topk_figures
+from eagleflow.thumbnails import write_topk_figures
 
 run_rule(
     snakemake.log[0],

@@ -1,6 +1,6 @@
 """Rule heads_fewshot: few-shot logistic regression on k patients per class, seeded repeats."""
 
-from eagleflow.heads import fewshot
+from eagleflow.heads_fewshot import fewshot
 from eagleflow.logutil import run_rule
 
 run_rule(

@@ -1,6 +1,6 @@
 """Rule heads_mlp_crossval: EAGLE's MLP head, stratified cross-validation, per-fold deployment."""
 
-from eagleflow.heads import mlp_crossval
+from eagleflow.heads_mlp import mlp_crossval
 from eagleflow.logutil import run_rule
 
 run_rule(

@@ -12,19 +12,16 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_heads import FAST_MLP, fabricate_cohort, task_config
 
-from eagleflow.evaluation import (
-    EvaluationError,
-    delong_rows,
-    evaluate_task,
-    patient_retrieval,
-    read_predictions,
-    retrieval_table,
-    summarize_run,
-)
+from eagleflow.evaluation import delong_rows, evaluate_task
 from eagleflow.figures import DEMO_TEXT, demo_note, task_figures, umap_figure
-from eagleflow.heads import TaskSpec, fewshot, mlp_crossval, validate_tasks
+from eagleflow.heads_fewshot import fewshot
+from eagleflow.heads_mlp import mlp_crossval
+from eagleflow.predictions import EvaluationError, read_predictions
+from eagleflow.retrieval import patient_retrieval, retrieval_table
 from eagleflow.sheets import read_clinical_table
 from eagleflow.stats import benjamini_hochberg
+from eagleflow.summary import summarize_run
+from eagleflow.tasks import TaskSpec, validate_tasks
 
 FEWSHOT = {"shots": [1, 2, 4], "repeats": 2, "C": 1.0, "max_iter": 1000, "seed": 42}
 BOOTSTRAP = {"n": 200, "seed": 0}

@@ -12,26 +12,24 @@ import pytest
 import torch
 
 from eagleflow.h5io import EMBEDDINGS_FORMAT, write_h5
-from eagleflow.heads import (
+from eagleflow.heads_fewshot import (
     FewshotParams,
-    MLPParams,
-    TaskError,
-    TaskSpec,
-    crossval_folds,
     fewshot,
     fewshot_sample,
-    load_task_data,
-    min_patients_per_class,
-    mlp_crossval,
-    run_crossval,
     run_fewshot,
-    sort_classes,
-    train_mlp,
     usable_shots,
-    validate_tasks,
 )
+from eagleflow.heads_mlp import MLPParams, crossval_folds, mlp_crossval, run_crossval, train_mlp
 from eagleflow.sheets import read_clinical_table
 from eagleflow.stats import binary_auroc, classification_metrics
+from eagleflow.task_data import load_task_data
+from eagleflow.tasks import (
+    TaskError,
+    TaskSpec,
+    min_patients_per_class,
+    sort_classes,
+    validate_tasks,
+)
 
 FAST_MLP = {"epochs": 6, "folds": 3, "patience": 3, "lr": 1e-3}
 

@@ -48,7 +48,7 @@ def run_chief_batch(
 
     configure_torch(threads)
     info = resolve_configured("chief", model_cfg)
-    params_sha256 = stage_params_sha256("attention", info.sha256, aggregator="chief")
+    params_sha256 = stage_params_sha256("attention_chief", info.sha256, aggregator="chief")
     todo = slides_to_compute(
         slides,
         "features",

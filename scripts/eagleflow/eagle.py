@@ -76,7 +76,7 @@ def run_virchow2_batch(
     top_k = int(params["top_k"])
     transpose = bool(params["reference_transpose"])
     params_sha256 = stage_params_sha256(
-        "eagle", info.sha256, top_k=top_k, reference_transpose=transpose
+        "eagle_virchow2_topk", info.sha256, top_k=top_k, reference_transpose=transpose
     )
     stale = slides_to_compute(
         slides,

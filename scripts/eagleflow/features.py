@@ -218,7 +218,7 @@ def run_ctranspath_batch(
 
     configure_torch(threads)
     info = resolve_configured("ctranspath", model_cfg)
-    params_sha256 = stage_params_sha256("features", info.sha256, extractor="ctranspath")
+    params_sha256 = stage_params_sha256("features_ctranspath", info.sha256, extractor="ctranspath")
     todo = slides_to_compute(
         slides, "tiles", read_attrs, FEATURES_FORMAT, FEATURES_SHAPES, params_sha256, "features"
     )

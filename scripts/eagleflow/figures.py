@@ -1,4 +1,4 @@
-"""Evaluation figures: ROC and PR curves, few-shot curves, UMAP of patients, retrieval matrices.
+"""Evaluation figures: ROC and PR curves, few-shot curves and the UMAP of patients.
 
 Every figure made from embeddings with random demo weights carries a red "DEMO WEIGHTS" banner.
 PNG files record the code version and parameters in their text chunks.
@@ -15,19 +15,24 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from eagleflow.h5io import EMBEDDING_NAMES, atomic_path, read_attrs
-from eagleflow.heads import TaskSpec
+from eagleflow.predictions import external_sets, read_predictions
 from eagleflow.provenance import provenance_attrs
+from eagleflow.sheets import read_clinical_table
 from eagleflow.stats import METRIC_TITLES, METRICS
+from eagleflow.task_data import read_patient_embeddings
+from eagleflow.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
+
 DEMO_TEXT = "DEMO WEIGHTS: not a result"
+
+
 COLORS = dict(zip(EMBEDDING_NAMES, ("tab:red", "tab:blue", "tab:green"), strict=True))
 
 
@@ -81,7 +86,7 @@ def finish_figure(
     plt.close(fig)
 
 
-def _grid(
+def figure_grid(
     nrows: int, ncols: int, width: float = 4.2, height: float = 4.0
 ) -> tuple[Any, np.ndarray]:
     fig, axes = plt.subplots(
@@ -110,7 +115,7 @@ def curve_figure(
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
     classes = _curve_classes(task)
-    fig, axes = _grid(max(1, len(sets)), len(classes))
+    fig, axes = figure_grid(max(1, len(sets)), len(classes))
     for row, (set_name, frames) in enumerate(sets.items()):
         for col, c in enumerate(classes):
             ax = axes[row, col]
@@ -160,8 +165,8 @@ def curve_figure(
         f"{task.name}: {'ROC' if kind == 'roc' else 'Precision-recall'} curves of the MLP heads",
         attrs,
         path,
-        f"evaluation_figures:{kind}",
-        {"task": task.params()},
+        "evaluation_figures",
+        {"figure": kind, "task": task.params()},
     )
 
 
@@ -170,7 +175,7 @@ def fewshot_figure(
 ) -> None:
     """Metric vs k (patients per class), mean ± SD over repeats: rows = sets, columns = metrics."""
     set_names = sorted(set(table["set"]), key=lambda s: (s != "internal", s)) if len(table) else []
-    fig, axes = _grid(max(1, len(set_names)), len(METRICS), width=3.6, height=3.2)
+    fig, axes = figure_grid(max(1, len(set_names)), len(METRICS), width=3.6, height=3.2)
     if not set_names:
         axes[0, 0].text(0.5, 0.5, "no few-shot k was possible\n(classes too small)", ha="center")
     for row, set_name in enumerate(set_names):
@@ -204,8 +209,8 @@ def fewshot_figure(
         f"{task.name}: few-shot logistic regression (mean ± SD over repeats)",
         attrs,
         path,
-        "evaluation_figures:fewshot",
-        {"task": task.params()},
+        "evaluation_figures",
+        {"figure": "fewshot", "task": task.params()},
     )
 
 
@@ -220,8 +225,6 @@ def task_figures(
     fewshot_png: str,
 ) -> None:
     """The `evaluation_figures` rule: the inputs are lists in the order of the task's embeddings."""
-    from eagleflow.evaluation import external_sets, read_predictions
-
     spec = TaskSpec.from_params(task)
     attrs = read_attrs(patients_h5)
     sets: dict[str, dict[str, pd.DataFrame]] = {}
@@ -263,9 +266,6 @@ def umap_figure(
 
     labels: task name -> label column of the clinical table.
     """
-    from eagleflow.evaluation import read_patient_embeddings
-    from eagleflow.sheets import read_clinical_table
-
     names = list(params["embeddings"])
     patients, arrays, attrs = read_patient_embeddings(patients_h5, names)
     clinical = read_clinical_table(clinical_table)
@@ -274,7 +274,7 @@ def umap_figure(
     for column in columns:
         values = clinical[column].reindex(patients["PATIENT"]).fillna("").to_numpy(dtype=str)
         colourings[column] = np.where(values == "", "(missing)", values)
-    fig, axes = _grid(len(colourings), len(names), width=4.0, height=3.6)
+    fig, axes = figure_grid(len(colourings), len(names), width=4.0, height=3.6)
     for col, name in enumerate(names):
         coords = umap_coordinates(arrays[name], params)
         log.info(
@@ -305,44 +305,4 @@ def umap_figure(
         output,
         "evaluation_umap",
         {"umap": dict(params), "labels": dict(labels)},
-    )
-
-
-def retrieval_figure(
-    patients: pd.DataFrame,
-    arrays: Mapping[str, np.ndarray],
-    attrs: Mapping[str, Any],
-    path: str,
-    params: Mapping[str, Any],
-) -> None:
-    """Cosine similarity matrices of the patients (ordered by cohort), one panel per embedding."""
-    from eagleflow.evaluation import cosine_similarity_matrix
-
-    order = np.lexsort((patients["PATIENT"].to_numpy(), patients["COHORT"].to_numpy()))
-    fig, axes = _grid(1, len(arrays), width=5.4, height=5.0)
-    n = len(patients)
-    for col, (name, x) in enumerate(arrays.items()):
-        ax = axes[0, col]
-        similarity = cosine_similarity_matrix(x[order])
-        image = ax.imshow(similarity, cmap="viridis", interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-        if n <= 40:
-            ticks = patients["PATIENT"].to_numpy()[order]
-            ax.set_xticks(range(n), ticks, rotation=90, fontsize=6)
-            ax.set_yticks(range(n), ticks, fontsize=6)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        cohorts = patients["COHORT"].to_numpy()[order]
-        for boundary in np.flatnonzero(cohorts[1:] != cohorts[:-1]) + 0.5:
-            ax.axhline(boundary, color="white", lw=1)
-            ax.axvline(boundary, color="white", lw=1)
-        ax.set_title(f"{name} (top-{params['top']} matches in retrieval.csv)", fontsize=9)
-    finish_figure(
-        fig,
-        "Patient retrieval: cosine similarity, all cohorts pooled (ordered by cohort)",
-        attrs,
-        path,
-        "evaluation_retrieval",
-        dict(params),
     )

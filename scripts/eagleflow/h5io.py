@@ -13,12 +13,15 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from eagleflow.errors import EagleflowError
+
+if TYPE_CHECKING:  # pandas stays out of the planning-time imports
+    import pandas as pd
 
 TILES_FORMAT = "eagleflow.tiles/1"
 FEATURES_FORMAT = "eagleflow.features/1"
@@ -230,3 +233,12 @@ def validate_tiles(path: str | os.PathLike[str]) -> dict[str, Any]:
         if h5["coords"].dtype != np.int64 or int(attrs["n_tiles"]) != h5["coords"].shape[0]:
             raise FormatError(f"{path}: coords must be int64 and match n_tiles")
     return attrs
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1, default=str) + "\n").encode())

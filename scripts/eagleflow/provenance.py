@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import functools
 import hashlib
@@ -13,16 +14,6 @@ from typing import Any
 from eagleflow import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@functools.cache
-def source_hash() -> str:
-    """SHA-256 (first 12 hex digits) over the package's Python sources, in path order."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 @functools.cache
@@ -42,70 +33,117 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def code_version() -> str:
-    """A string that changes whenever the code that produced an output changes."""
+def code_version(stage: str | None = None) -> str:
+    """A string that changes whenever the code that produced an output changes.
+
+    With a stage (a rule name), the digest covers the modules that stage runs; without one, the
+    whole package.
+    """
     commit = git_commit()
     suffix = f"+git.{commit}" if commit else ""
-    return f"eagleflow {__version__} src.{source_hash()}{suffix}"
+    if stage is None:
+        return f"eagleflow {__version__} src.{package_digest()}{suffix}"
+    return f"eagleflow {__version__} {stage}.{stage_code_digest(stage)}{suffix}"
 
 
 def provenance_attrs(stage: str, params: dict[str, Any] | None = None) -> dict[str, str]:
     """Attributes every output carries: stage, code version, creation time and parameters (JSON)."""
     return {
         "eagleflow_stage": stage,
-        "code_version": code_version(),
+        "code_version": code_version(stage),
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "params_json": json.dumps(params or {}, sort_keys=True, default=str),
     }
 
 
-# The package modules whose code decides each stage's numbers. A rule passes its stage's digest
-# through `params:`, so editing one stage's code reruns that stage and its downstream only; batch
-# stages also fold it into the digest that decides whether a finished slide can be kept.
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "tiling": ("slides.py", "tiling.py", "h5io.py"),
-    "features": (
-        "features.py",
-        "slides.py",
-        "h5io.py",
-        "batches.py",
-        "weights.py",
-        "models/registry.py",
-        "models/preprocess.py",
-        "models/ctranspath.py",
-    ),
-    "attention": (
-        "attention.py",
-        "h5io.py",
-        "batches.py",
-        "weights.py",
-        "models/registry.py",
-        "models/chief.py",
-    ),
-    "eagle": (
-        "eagle.py",
-        "features.py",
-        "slides.py",
-        "h5io.py",
-        "batches.py",
-        "weights.py",
-        "models/registry.py",
-        "models/preprocess.py",
-        "models/virchow2.py",
-    ),
-    "thumbnail": ("plots.py", "features.py", "slides.py"),
-    "embeddings": ("embeddings.py", "eagle.py", "h5io.py"),
-    "heads": ("heads.py", "h5io.py", "sheets.py"),
-    "evaluation": ("evaluation.py", "stats.py", "heads.py"),
-    "figures": ("figures.py", "evaluation.py", "stats.py", "heads.py"),
-}
+# Each stage is a rule; its entry point is the rule's script, scripts/<rule>.py. What the stage runs
+# is what that script imports inside the package, followed transitively (function-level imports too,
+# since they run when the function does). Deriving it keeps it from drifting from the code.
+SCRIPTS_DIR = PACKAGE_DIR.parent
+PACKAGE = PACKAGE_DIR.name
+
+
+def _module_file(dotted: str) -> Path | None:
+    """The source file of a package module (`eagleflow.x.y`), or None outside the package."""
+    parts = dotted.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = SCRIPTS_DIR.joinpath(*parts)
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def _package_parts(path: Path) -> list[str]:
+    """The dotted package (as parts) that a module file belongs to, for relative imports."""
+    parts = list(path.relative_to(SCRIPTS_DIR).with_suffix("").parts)
+    return parts[:-1]  # eagleflow/models/chief -> eagleflow.models; .../__init__ -> its folder
+
+
+@functools.cache
+def _imports_of(path: Path) -> frozenset[str]:
+    """Dotted names a file may import: modules, and `module.name` for every `from module import name`."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = _package_parts(path)
+                anchor = ".".join(package[: len(package) - node.level + 1])
+                module = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+    parents = {
+        ".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 1)
+    }
+    return frozenset(names | parents)
+
+
+@functools.cache
+def stage_modules(stage: str) -> tuple[str, ...]:
+    """Package modules (paths relative to the package) that the rule `stage` runs, sorted."""
+    entry = SCRIPTS_DIR / f"{stage}.py"
+    if not entry.is_file():
+        raise KeyError(f"no rule script {entry} for stage {stage!r}")
+    found: set[Path] = set()
+    todo = [entry]
+    while todo:
+        for name in _imports_of(todo.pop()):
+            module = _module_file(name)
+            if module is not None and module not in found:
+                found.add(module)
+                todo.append(module)
+    return tuple(sorted(m.relative_to(PACKAGE_DIR).as_posix() for m in found))
+
+
+def _digest_files(paths: list[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @functools.cache
 def stage_code_digest(stage: str) -> str:
-    """SHA-256 (16 hex digits) of the modules listed for `stage` in STAGE_MODULES."""
-    digest = hashlib.sha256()
-    for name in STAGE_MODULES[stage]:
-        digest.update(name.encode())
-        digest.update((PACKAGE_DIR / name).read_bytes())
-    return digest.hexdigest()[:16]
+    """SHA-256 (16 hex digits) of the rule script of `stage` and the package modules it runs.
+
+    A rule passes it through `params:`, so editing a module a stage runs plans that stage and its
+    downstream, and nothing else; batch stages also fold it into the digest that decides whether a
+    finished slide can be kept.
+    """
+    files = [SCRIPTS_DIR / f"{stage}.py"] + [PACKAGE_DIR / m for m in stage_modules(stage)]
+    return _digest_files(files, SCRIPTS_DIR)[:16]
+
+
+@functools.cache
+def package_digest() -> str:
+    """SHA-256 (12 hex digits) over all of the package's Python sources, in path order."""
+    return _digest_files(sorted(PACKAGE_DIR.rglob("*.py")), PACKAGE_DIR)[:12]

@@ -15,6 +15,7 @@ import openslide
 from tqdm import tqdm
 
 from eagleflow.h5io import atomic_write_bytes
+from eagleflow.mpp import DEFAULT_MPP_RANGE, check_mpp_settings
 from eagleflow.slides import (
     SlideError,
     SlideInfo,
@@ -44,10 +45,15 @@ class TilingParams:
     min_edge_fraction: float = 0.02
     border: str = "drop"
     default_mpp: float | None = None
+    # Decides only whether a slide is refused (not its tiles): the rule reads it from the config,
+    # outside its params, so widening it reruns no finished slide.
+    mpp_range: tuple[float, float] = DEFAULT_MPP_RANGE
 
     def __post_init__(self) -> None:
         if self.border not in ("drop", "pad"):
             raise ValueError(f"tiling.border must be 'drop' or 'pad', not {self.border!r}")
+        object.__setattr__(self, "mpp_range", tuple(self.mpp_range))  # YAML gives a list
+        check_mpp_settings(self.mpp_range, self.default_mpp)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -186,7 +192,7 @@ def tile_slide(
 ) -> TileTable:
     """Tile one slide: mask on a coarse level, grid at `tile_mpp`, Canny test on each tissue tile."""
     slide = open_slide(path, slide_id)
-    info = slide_info(slide, path, slide_id, sheet_mpp, params.default_mpp)
+    info = slide_info(slide, path, slide_id, sheet_mpp, params.default_mpp, params.mpp_range)
     label = f"slide {slide_id!r} ({path})"
     size = level0_tile_size(info.mpp, params.tile_px, params.tile_mpp)
     xs, ys = grid_origins(info.width, info.height, size, params.border)
@@ -310,7 +316,7 @@ def run_tiling(
     table = tile_slide(slide_path, slide_id, tiling_params, sheet_mpp, threads=threads)
     if table.info.mpp_warning:
         log.warning("%s: %s", slide_id, table.info.mpp_warning)
-    provenance = provenance_attrs("tiling", {**tiling_params.as_dict(), "sheet_mpp": sheet_mpp})
+    provenance = provenance_attrs("tiling_tile_slide", {**tiling_params.as_dict(), "sheet_mpp": sheet_mpp})
     write_qc_png(table, qc_png)
     try:
         write_tiles(tiles_h5, table, provenance)
