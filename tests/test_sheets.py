@@ -56,6 +56,11 @@ def test_tsv_is_read_by_extension(slide_files):
         ("PATIENT,SLIDE,PATH,LABEL\nP1,S1,a.svs,x\n", r"unknown column\(s\) \['LABEL'\]"),
         ("PATIENT,PATH\nP1,a.svs\n", r"missing column\(s\) \['SLIDE'\]"),
         ("PATIENT,SLIDE,PATH,MPP\nP1,S1,a.svs,fast\n", r"line 2, column MPP: 'fast'"),
+        (
+            "PATIENT,SLIDE,PATH,MPP\nP1,S1,a.svs,50\n",
+            r"line 2, column MPP: 50 µm/px is outside the plausible range 0\.05-10 µm/px",
+        ),
+        ("PATIENT,SLIDE,PATH,MPP\nP1,S1,a.svs,0.01\n", r"line 2, column MPP: 0\.01 µm/px is out"),
         ("PATIENT,SLIDE,PATH\n,S1,a.svs\n", r"line 2, column PATIENT: empty"),
         ("PATIENT,SLIDE,PATH\n", r"no slides"),
         ("", r"empty"),
@@ -121,3 +126,10 @@ def test_linked_slide_keeps_its_name_and_dotdot_follows_linked_folders(tmp_path)
     table = read_slide_sheet(sheet)
     assert table.at["S1", "PATH"] == str(real / "slides" / "x.svs")
     assert table.at["S2", "PATH"] == str(real / "slides" / "alias.svs")  # link not followed
+
+
+def test_sheet_mpp_bounds_follow_the_configured_range(slide_files):
+    sheet = write(slide_files / "slides.csv", "PATIENT,SLIDE,PATH,MPP\nP1,S1,a.svs,50\n")
+    assert read_slide_sheet(sheet, mpp_range=(0.05, 100.0)).at["S1", "MPP"] == 50.0
+    with pytest.raises(SheetError, match=r"MPP: 50 µm/px is outside the plausible range 1-20"):
+        read_slide_sheet(sheet, mpp_range=(1.0, 20.0)).at["S1", "MPP"]

@@ -91,3 +91,37 @@ def test_unreadable_files_raise_slide_errors(tmp_path):
         open_slide(text, "t")
     with pytest.raises(SlideError, match="not found"):
         open_slide(tmp_path / "gone.svs", "g")
+
+
+SCREEN_DEFAULT = {  # a 72 dpi TIFF as OpenSlide reports it
+    "openslide.mpp-x": "352.77777777777777",
+    "openslide.mpp-y": "352.77777777777777",
+    "tiff.XResolution": "72",
+    "tiff.ResolutionUnit": "inch",
+}
+
+
+def test_screen_default_resolution_is_refused_naming_value_source_and_fix():
+    with pytest.raises(SlideError) as refused:
+        resolve_mpp(SCREEN_DEFAULT, None, None, "slide 's' (s.tif)")
+    message = str(refused.value)
+    assert message.startswith("slide 's' (s.tif): level-0 MPP 352.8 µm/px")
+    assert "openslide.mpp-x (from tiff.XResolution = 72 per inch)" in message
+    assert "outside the plausible range 0.05-10 µm/px" in message
+    assert "Put the slide's MPP in the sheet's MPP column" in message
+    # the advice works: the sheet's MPP is used instead
+    assert resolve_mpp(SCREEN_DEFAULT, 0.5, None, "s")[:2] == (0.5, "sheet MPP column")
+
+
+@pytest.mark.parametrize(
+    ("props", "source"),
+    [
+        ({"tiff.ImageDescription": "Aperio|MPP = 0.001"}, "tiff.ImageDescription"),
+        ({"tiff.XResolution": "10", "tiff.ResolutionUnit": "centimeter"}, "tiff.XResolution"),
+    ],
+)
+def test_implausible_mpp_from_any_source_is_refused_unless_the_range_allows_it(props, source):
+    with pytest.raises(SlideError, match=rf"from {source}.*outside the plausible range"):
+        resolve_mpp(props, None, None, "s")
+    wide = resolve_mpp(props, None, None, "s", mpp_range=(0.0001, 2000.0))
+    assert wide[1] == source

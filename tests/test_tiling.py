@@ -102,3 +102,27 @@ def test_truncated_tiles_file_is_rejected(make_slide, tmp_path):
         h5["coords"] = np.zeros((2, 2), dtype=np.int64)
     with pytest.raises(FormatError, match=r"not a eagleflow\.tiles/1 file"):
         validate_tiles(tmp_path / "other.h5")
+
+
+def test_a_72_dpi_tiff_is_refused_before_any_tile_is_cut(tmp_path):
+    """Issue 13: such a TIFF was tiled into tiles of ~1.3 level-0 px each, upsampled to 224 px."""
+    from conftest import tissue_image, write_pyramid
+
+    path = write_pyramid(tmp_path / "screen.tif", tissue_image(1024, 768), 2.54e4 / 72, (1, 4))
+    out, qc = tmp_path / "t.h5", tmp_path / "t.png"
+    with pytest.raises(SlideError, match=r"level-0 MPP 352\.8 µm/px from openslide\.mpp-x"):
+        run_tiling(str(path), "s", TilingParams().as_dict(), None, str(out), str(qc))
+    assert not out.exists() and not qc.exists()
+    # an MPP in the sheet is the way out
+    run_tiling(str(path), "s", TilingParams().as_dict(), 2.0, str(out), str(qc))
+    assert read_tiles(out)[1]["mpp_source"] == "sheet MPP column"
+
+
+def test_default_mpp_outside_the_plausible_range_is_a_config_error():
+    from eagleflow.mpp import MppConfigError
+
+    with pytest.raises(MppConfigError, match=r"tiling\.default_mpp: 352\.8 µm/px is outside"):
+        TilingParams(default_mpp=352.8)
+    with pytest.raises(MppConfigError, match=r"tiling\.mpp_range must be \[low, high\]"):
+        TilingParams(mpp_range=(5.0, 1.0))
+    assert TilingParams(default_mpp=0.5).default_mpp == 0.5

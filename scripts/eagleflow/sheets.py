@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from eagleflow.errors import EagleflowError
+from eagleflow.mpp import DEFAULT_MPP_RANGE, outside_range
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,47 @@ def absolute_slide_path(sheet_dir: str, value: str) -> str:
     return os.path.normpath(joined)
 
 
-def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> pd.DataFrame:
+def under_folder(path: str, folder: str | None) -> str:
+    """`path` relative to `folder` when it lies inside it, else unchanged (both absolute)."""
+    if folder is None or not path.startswith(folder.rstrip(os.sep) + os.sep):
+        return path
+    return path[len(folder.rstrip(os.sep)) + 1 :]
+
+
+def _path_problem(value: str, slide_path: str) -> str:
+    """Why PATH cannot be a slide ('' if it may be): missing, unreadable, a folder without DICOM."""
+    from eagleflow.slidefiles import dicom_instance  # opens nothing unless PATH is a folder
+
+    if os.path.isdir(slide_path):
+        try:
+            if dicom_instance(slide_path) is not None:
+                return ""
+        except OSError as err:
+            return (
+                f"{value!r} is a folder that cannot be listed ({err.strerror}); fix its permissions"
+            )
+        return (
+            f"{value!r} is a folder without a DICOM whole-slide image instance OpenSlide can read "
+            f"({slide_path}); point PATH at a slide file, or at the folder of one DICOM WSI export"
+        )
+    if not os.path.isfile(slide_path):
+        return f"{value!r} does not exist ({slide_path}); fix the path or restore the file"
+    if not os.access(slide_path, os.R_OK):
+        return f"{value!r} is not readable; fix its permissions"
+    return ""
+
+
+def read_slide_sheet(
+    path: str | os.PathLike[str],
+    check_paths: bool = True,
+    mpp_range: tuple[float, float] = DEFAULT_MPP_RANGE,
+    relative_to: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
     """Validated slide sheet indexed by SLIDE, with PATH resolved and MPP as float (NaN if absent).
 
-    PATH may be absolute or relative to the sheet's own directory.
+    PATH may be absolute or relative to the sheet's own directory, and may name a DICOM WSI
+    folder. Resolved paths are absolute, except those inside `relative_to` (the workflow's working
+    directory), which stay relative to it: a project moved as a whole keeps the same paths.
     """
     path = Path(path)
     what = "slide sheet"
@@ -157,27 +195,19 @@ def read_slide_sheet(path: str | os.PathLike[str], check_paths: bool = True) -> 
             except ValueError:
                 problems.append(f"line {_line(index)}, column MPP: {value!r} is not a number")
                 continue
-            if not 0 < mpp[position] < 100:
-                problems.append(
-                    f"line {_line(index)}, column MPP: {value} is not in (0, 100) µm/px"
-                )
+            if problem := outside_range(mpp[position], mpp_range):
+                problems.append(f"line {_line(index)}, column MPP: {value} µm/px is {problem}")
     table["MPP"] = pd.Series(mpp, index=table.index, dtype=float)
     resolved = []
     sheet_dir = os.path.realpath(path.parent)
+    workdir = None if relative_to is None else os.path.realpath(relative_to)
     for index, value in table["PATH"].items():
-        resolved.append(absolute_slide_path(sheet_dir, value) if value else "")
-        slide_path = resolved[-1]
+        slide_path = absolute_slide_path(sheet_dir, value) if value else ""
+        resolved.append(under_folder(slide_path, workdir))
         if value == "":
             problems.append(f"line {_line(index)}, column PATH: empty")
-        elif check_paths and not os.path.isfile(slide_path):
-            problems.append(
-                f"line {_line(index)}, column PATH: {value!r} does not exist ({slide_path}); "
-                "fix the path or restore the file"
-            )
-        elif check_paths and not os.access(slide_path, os.R_OK):
-            problems.append(
-                f"line {_line(index)}, column PATH: {value!r} is not readable; fix its permissions"
-            )
+        elif check_paths and (problem := _path_problem(value, slide_path)):
+            problems.append(f"line {_line(index)}, column PATH: {problem}")
     table["PATH"] = resolved
     _raise(what, path, problems)
     return table.set_index("SLIDE", drop=False)

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 import openslide
 
 from eagleflow.errors import EagleflowError
+from eagleflow.mpp import DEFAULT_MPP_RANGE, outside_range
+from eagleflow.slidefiles import dicom_instance
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +51,21 @@ class SlideInfo:
 
 
 def open_slide(path: str | os.PathLike[str], slide_id: str = "") -> openslide.OpenSlide:
-    """Open a slide with OpenSlide, turning every failure into a SlideError that says what to do."""
+    """Open a slide file or DICOM WSI folder; every failure is a SlideError that says what to do."""
     label = f"slide {slide_id!r} ({path})" if slide_id else f"slide {path}"
     path = Path(path)
     if not path.exists():
         raise SlideError(
             f"{label}: file not found. Fix PATH in the slide sheet or restore the file."
         )
+    if path.is_dir():
+        instance = dicom_instance(path)
+        if instance is None:
+            raise SlideError(
+                f"{label}: a folder without a DICOM whole-slide image instance OpenSlide can "
+                "read. Point PATH at a slide file, or at the folder of one DICOM WSI export."
+            )
+        path = instance
     if path.stat().st_size == 0:
         raise SlideError(f"{label}: file is empty (0 bytes). Re-copy the slide from its source.")
     try:
@@ -157,19 +168,16 @@ def _mpp_from_description(props: dict[str, str]) -> float | None:
         return None
 
 
-def resolve_mpp(
-    props: dict[str, str],
-    sheet_mpp: float | None,
-    default_mpp: float | None,
-    label: str,
-) -> tuple[float, str, str]:
-    """Return (mpp, source, warning).
+def _where_openslide_found_it(props: dict[str, str]) -> str:
+    """The tags behind `openslide.mpp-x` for generic TIFFs (OpenSlide derives it from them)."""
+    resolution, unit = props.get("tiff.XResolution"), props.get("tiff.ResolutionUnit")
+    if resolution is None or unit is None:
+        return openslide.PROPERTY_NAME_MPP_X
+    return f"{openslide.PROPERTY_NAME_MPP_X} (from tiff.XResolution = {resolution} per {unit})"
 
-    Order: the sheet's MPP column (an explicit override) > OpenSlide's `openslide.mpp-x` > the TIFF
-    description or resolution tags > the config's `default_mpp` (with a warning) > SlideError.
-    """
-    if sheet_mpp is not None and not math.isnan(sheet_mpp):
-        return float(sheet_mpp), "sheet MPP column", ""
+
+def _metadata_mpp(props: dict[str, str]) -> tuple[float, str, str] | None:
+    """(mpp, source, warning) from the slide's own metadata, or None if it records no MPP."""
     try:
         mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
         mpp_y = float(props.get(openslide.PROPERTY_NAME_MPP_Y, mpp_x))
@@ -179,7 +187,7 @@ def resolve_mpp(
         warning = ""
         if abs(mpp_x - mpp_y) / mpp_x > 0.01:
             warning = f"non-square pixels (mpp-x {mpp_x}, mpp-y {mpp_y}); using mpp-x"
-        return mpp_x, "openslide.mpp-x", warning
+        return mpp_x, openslide.PROPERTY_NAME_MPP_X, warning
     for source, finder in (
         ("tiff.ImageDescription", _mpp_from_description),
         ("tiff.XResolution", _mpp_from_tiff_resolution),
@@ -187,14 +195,45 @@ def resolve_mpp(
         value = finder(props)
         if value is not None and value > 0:
             return value, source, ""
-    if default_mpp is not None:
+    return None
+
+
+def resolve_mpp(
+    props: dict[str, str],
+    sheet_mpp: float | None,
+    default_mpp: float | None,
+    label: str,
+    mpp_range: Sequence[float] = DEFAULT_MPP_RANGE,
+) -> tuple[float, str, str]:
+    """Return (mpp, source, warning).
+
+    Order: the sheet's MPP column (an explicit override) > OpenSlide's `openslide.mpp-x` > the TIFF
+    description or resolution tags > the config's `default_mpp` (with a warning) > SlideError.
+    An MPP outside `mpp_range` (a screen default such as 72 dpi) is a SlideError, not a fallback.
+    """
+    if sheet_mpp is not None and not math.isnan(sheet_mpp):
+        mpp, source, warning = float(sheet_mpp), "sheet MPP column", ""
+    elif (found := _metadata_mpp(props)) is not None:
+        mpp, source, warning = found
+    elif default_mpp is not None:
         warning = f"no MPP in the slide or the sheet; assumed tiling.default_mpp = {default_mpp}"
         log.warning("%s: %s", label, warning)
-        return float(default_mpp), "config tiling.default_mpp", warning
-    raise SlideError(
-        f"{label}: no MPP (microns per pixel) in the slide's metadata or the sheet. Add an MPP column "
-        "value for this slide to the slide sheet, or set tiling.default_mpp in the config."
-    )
+        mpp, source = float(default_mpp), "config tiling.default_mpp"
+    else:
+        raise SlideError(
+            f"{label}: no MPP (microns per pixel) in the slide's metadata or the sheet. Add an MPP "
+            "column value for this slide to the slide sheet, or set tiling.default_mpp in the config."
+        )
+    if problem := outside_range(mpp, mpp_range):
+        where = (
+            _where_openslide_found_it(props) if source == openslide.PROPERTY_NAME_MPP_X else source
+        )
+        raise SlideError(
+            f"{label}: level-0 MPP {mpp:.4g} µm/px from {where} is {problem}; the file's "
+            "resolution is likely a writer's default (72 dpi is 352.8 µm/px), not the scan's. Put "
+            "the slide's MPP in the sheet's MPP column (0.25 at 40x, 0.5 at 20x)."
+        )
+    return mpp, source, warning
 
 
 def slide_info(
@@ -203,10 +242,11 @@ def slide_info(
     slide_id: str,
     sheet_mpp: float | None = None,
     default_mpp: float | None = None,
+    mpp_range: Sequence[float] = DEFAULT_MPP_RANGE,
 ) -> SlideInfo:
     props = dict(slide.properties)
     label = f"slide {slide_id!r} ({path})"
-    mpp, source, warning = resolve_mpp(props, sheet_mpp, default_mpp, label)
+    mpp, source, warning = resolve_mpp(props, sheet_mpp, default_mpp, label, mpp_range)
     width, height = slide.dimensions
     return SlideInfo(
         path=str(path),

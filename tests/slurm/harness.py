@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # also run by hand
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from debian_packages import DebianPackagesUnavailableError, apt_install
+
 from eagleflow.h5io import pid_alive
 
 STATE = Path(os.environ.get("EAGLE_SLURM_STATE", "/tmp/eagleflow-slurm-harness"))
@@ -161,48 +164,10 @@ def ensure_installed(log=print) -> None:
     missing = missing_binaries()
     if not missing:
         return
-    if os.geteuid() != 0:
-        raise SlurmUnavailableError(
-            f"SLURM is not installed ({', '.join(missing)} missing) and not root"
-        )
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise SlurmUnavailableError(
-            f"SLURM is not installed ({', '.join(missing)} missing) and no apt-get"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # No init system in containers: keep the packages' maintainer scripts from starting services.
-    policy = Path("/usr/sbin/policy-rc.d")
-    made_policy = not policy.exists()
-    if made_policy:
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
     try:
-        log(f"installing {' '.join(PACKAGES)} with apt-get (missing: {', '.join(missing)})")
-        for args in (
-            [apt, "update", "-q"],
-            [
-                apt,
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "-o",
-                "Dpkg::Options::=--force-confdef",
-                "-o",
-                "Dpkg::Options::=--force-confold",
-                *PACKAGES,
-            ],
-        ):
-            result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
-            if result.returncode != 0:
-                raise SlurmUnavailableError(
-                    f"{' '.join(args)} failed ({result.returncode}):\n"
-                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-                )
-    finally:
-        if made_policy:
-            policy.unlink(missing_ok=True)
+        apt_install(PACKAGES, f"SLURM is not installed ({', '.join(missing)})", log=log)
+    except DebianPackagesUnavailableError as err:
+        raise SlurmUnavailableError(str(err)) from err
     still = missing_binaries()
     if still:
         raise SlurmUnavailableError(f"apt-get install did not provide {', '.join(still)}")

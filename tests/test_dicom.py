@@ -1,0 +1,100 @@
+"""DICOM whole-slide images: a folder of instances (one per level), as hospitals export them.
+
+The slide is an Aperio SVS converted by a real converter (wsidicomizer, which needs Debian's
+libturbojpeg0: installed with apt-get when missing, as the SLURM test installs its packages).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, tissue_image
+from debian_packages import DebianPackagesUnavailableError, apt_install
+from workflow_helpers import FAST, SNAKEMAKE, job_counts, run
+
+from eagleflow.demo import SlideSpec, write_pyramid_tiff
+from eagleflow.h5io import read_tiles
+from eagleflow.sheets import SheetError, read_slide_sheet
+from eagleflow.slides import SlideError
+from eagleflow.tiling import TilingParams, run_tiling
+
+PARAMS = TilingParams().as_dict()
+
+
+def ensure_turbojpeg() -> None:
+    if ctypes.util.find_library("turbojpeg") is not None:
+        return
+    try:
+        apt_install(["libturbojpeg0"], "libturbojpeg (needed by wsidicomizer)")
+    except DebianPackagesUnavailableError as reason:
+        pytest.skip(str(reason))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(an Aperio SVS, the DICOM WSI folder wsidicomizer makes of it)."""
+    ensure_turbojpeg()
+    from wsidicomizer import WsiDicomizer
+
+    root = tmp_path_factory.mktemp("dicom")
+    spec = SlideSpec("DCM-1", "P1", "C", "A", 1, 0.5, 2048, 1536, "aperio")
+    svs = root / "slide.svs"
+    write_pyramid_tiff(svs, tissue_image(4096, 3072), 0.5, "aperio", spec, [1, 4, 16])
+    folder = root / "slide_dicom"
+    WsiDicomizer.convert(svs, folder)
+    assert len(list(folder.glob("*.dcm"))) >= 3  # one instance per level (and a thumbnail)
+    return svs, folder
+
+
+def test_a_dicom_folder_tiles_exactly_like_the_svs_it_came_from(converted, tmp_path):
+    svs, folder = converted
+    tables = {}
+    for name, path in (("svs", svs), ("folder", folder)):
+        out = tmp_path / f"{name}.h5"
+        tables[name] = run_tiling(str(path), "S1", PARAMS, None, str(out), str(tmp_path / "q.png"))
+        assert read_tiles(out)[1]["mpp_source"] == "openslide.mpp-x"
+    assert len(tables["folder"].coords) > 0
+    assert np.array_equal(tables["folder"].coords, tables["svs"].coords)
+    assert np.array_equal(tables["folder"].edge_fraction, tables["svs"].edge_fraction)
+    assert tables["folder"].info.level_count == 3
+
+
+def test_the_sheet_accepts_a_dicom_folder_and_names_one_without_a_slide(converted, tmp_path):
+    _, folder = converted
+    not_dicom = tmp_path / "scans"
+    not_dicom.mkdir()
+    (not_dicom / "readme.txt").write_text("no slide here\n")
+    sheet = tmp_path / "slides.csv"
+    sheet.write_text(f"PATIENT,SLIDE,PATH\nP1,S1,{folder}\n")
+    assert read_slide_sheet(sheet).at["S1", "PATH"] == str(folder)
+    sheet.write_text(f"PATIENT,SLIDE,PATH\nP1,S1,{folder}\nP2,S2,scans\n")
+    with pytest.raises(
+        SheetError, match=r"line 3, column PATH: 'scans' is a folder without a DICOM"
+    ):
+        read_slide_sheet(sheet)
+    with pytest.raises(SlideError, match=r"'S2'.*a folder without a DICOM whole-slide image"):
+        run_tiling(str(not_dicom), "S2", PARAMS, None, str(tmp_path / "t.h5"), str(tmp_path / "q"))
+
+
+@pytest.mark.workflow
+def test_a_dicom_folder_goes_through_the_workflow_tiling(converted, tmp_path):
+    svs, folder = converted
+    work = tmp_path / "work"
+    (work / "config").mkdir(parents=True)
+    (work / "slides.csv").write_text(f"PATIENT,SLIDE,PATH\nP1,DCM-1,{folder}\nP2,SVS-1,{svs}\n")
+    (work / "clinical.csv").write_text("PATIENT,SUBTYPE\nP1,A\nP2,B\n")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(slide_sheet="slides.csv", clinical_table="clinical.csv", tasks={})
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (work / "config" / "fast.yaml").write_text("features:\n  n_batches: 1\n")
+    args = [*SNAKEMAKE, "--directory", str(work), *FAST, "--until", "tiling_tile_slide"]
+    run([*args, "--cores", "2"], cwd=work)
+    dicom, _ = read_tiles(work / "results" / "tiles" / "DCM-1.h5")
+    from_svs, _ = read_tiles(work / "results" / "tiles" / "SVS-1.h5")
+    assert len(dicom) > 0 and np.array_equal(dicom, from_svs)
+    assert (work / "results" / "qc" / "tiles" / "DCM-1.png").is_file()
+    assert "tiling_tile_slide" not in job_counts(run([*args, "-n"], cwd=work).stdout)
