@@ -30,7 +30,7 @@ slurm-profile:
 	fi
 
 demo-data: setup
-	$(PY) scripts/make_demo.py --out resources/demo
+	$(PY) scripts/tools/make_demo.py --out resources/demo
 
 demo: demo-data
 	$(SNAKEMAKE) --workflow-profile profiles/local --cores $(CORES)

@@ -8,7 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tifffile
+
+from eagleflow.demo import write_pyramid_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,21 +28,8 @@ def write_pyramid(
     mpp: float | None,
     downsamples: tuple[int, ...] = (1, 4, 16),
 ) -> Path:
-    """A tiled JPEG generic TIFF; MPP (if given) in the resolution tags, as OpenSlide reads it."""
-    with tifffile.TiffWriter(path) as tiff:
-        for i, factor in enumerate(downsamples):
-            level = shrink(image, factor)
-            extra = {}
-            if mpp is not None:
-                extra = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"}
-            tiff.write(
-                level,
-                tile=(256, 256),
-                compression="jpeg",
-                photometric="rgb",
-                subfiletype=0 if i == 0 else 1,
-                **extra,
-            )
+    """A tiled JPEG generic TIFF (the demo's writer); MPP (if given) in the resolution tags."""
+    write_pyramid_tiff(path, image, mpp, "generic-tiff", downsamples=list(downsamples))
     return path
 
 

@@ -17,8 +17,8 @@ from eagleflow.demo import (
     MASK_LABELS,
     DemoCohort,
     make_demo_cohort,
-    sha256_file,
 )
+from eagleflow.weights import sha256_file
 
 TILE_PX = 224
 TILE_MPP = 2.0

@@ -1,4 +1,4 @@
-"""scripts/failed_slides.py: tiling outcomes read from a run's files, and a sheet without failures."""
+"""scripts/tools/failed_slides.py: tiling outcomes read from a run's files, and a sheet without failures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from eagleflow.failures import tiling_status, write_sheet_without
 from eagleflow.sheets import read_slide_sheet
 
 REPO = Path(__file__).resolve().parents[1]
-COMMAND = [sys.executable, str(REPO / "scripts" / "failed_slides.py")]
+COMMAND = [sys.executable, str(REPO / "scripts" / "tools" / "failed_slides.py")]
 
 
 def log_line(level: str, message: str) -> str:

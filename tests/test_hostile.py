@@ -638,7 +638,7 @@ def test_keep_going_finishes_good_slides_and_reruns_only_failures(tmp_path: Path
         assert f"ERROR eagleflow: slide {slide!r} (" in log and expected in log, log
         assert "Traceback" not in log
         assert f"log: logs/tiling/{slide}.log (check log file(s) for error details)" in output
-    # scripts/failed_slides.py reads the same outcome back from the run's files
+    # scripts/tools/failed_slides.py reads the same outcome back from the run's files
     statuses = {s.slide_id: s for s in tiling_status(work / "resources" / "slides.csv", work)}
     assert {k for k, s in statuses.items() if s.status == "failed"} == set(bad)
     assert statuses[VANISH].status == "not run"

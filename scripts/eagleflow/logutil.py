@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 log = logging.getLogger("eagleflow")
-# How a job cancelled by SIGTERM starts its last log line (scripts/failed_slides.py reads it).
+# How a job cancelled by SIGTERM starts its last log line (scripts/tools/failed_slides.py reads it).
 STOPPED_PREFIX = "stopped by "
 
 

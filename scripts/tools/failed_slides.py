@@ -1,6 +1,6 @@
 """List the slides whose tiling failed (with the reason from their log) and write a sheet without them.
 
-    .venv/bin/python scripts/failed_slides.py [--configfile config/config.yaml] [--write-sheet OUT]
+    .venv/bin/python scripts/tools/failed_slides.py [--configfile config/config.yaml] [--write-sheet OUT]
 
 Prints a count per status, then one line per failed slide (its job logged why: the slide itself
 is unusable) and per unfinished one (a log but no reason: killed, cancelled or still running;
@@ -15,6 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
+
+# Run as a file (python scripts/tools/failed_slides.py): the package lives in scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eagleflow.failures import tiling_status, write_sheet_without
 

@@ -1,6 +1,6 @@
 """Generate the synthetic demo cohort (slides, sheets, masks, manifest and hostile inputs).
 
-    python scripts/make_demo.py --out resources/demo [--seed 0]
+    python scripts/tools/make_demo.py --out resources/demo [--seed 0]
 
 Idempotent: slides whose file still matches the manifest's sha256 for the same seed and
 generator version are kept untouched, and files whose bytes would not change are not rewritten,
@@ -13,6 +13,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+# Run as a file (python scripts/tools/make_demo.py): the package lives in scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eagleflow.demo import make_demo_cohort
 

@@ -3,7 +3,7 @@
 Each cohort is one tiny real slide linked N times (N/2 patients, two cohorts), so the sheet
 validation, the weight check and the DAG are the real ones; nothing is computed.
 
-    .venv/bin/python scripts/bench_dag.py --sizes 1000 10000 50000 --repeat 3
+    .venv/bin/python scripts/tools/bench_dag.py --sizes 1000 10000 50000 --repeat 3
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+# Run as a file (python scripts/tools/bench_dag.py): the package lives in scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_cohort(root: Path, n_slides: int, slides_per_batch: int) -> Path:
