@@ -1,31 +1,15 @@
-"""The workflow as users run it: lint, format, dry-run and a real run on the generated demo."""
+"""The workflow as users run it: dry-run and a real run on the generated demo."""
 
 from __future__ import annotations
 
 import h5py
 import pytest
-from workflow_helpers import BIN, FAST, REPO, SNAKEMAKE, job_counts, run
+from workflow_helpers import FAST, SNAKEMAKE, job_counts, run
 
 from eagleflow.batches import batch_of
 from eagleflow.h5io import read_tiles
 
 pytestmark = pytest.mark.workflow
-
-
-def test_snakefmt_is_clean():
-    run([str(BIN / "snakefmt"), "--check", "Snakefile", "rules"], cwd=REPO)
-
-
-def test_ruff_is_clean():
-    run([str(BIN / "ruff"), "check", "scripts", "tests"], cwd=REPO)
-    run([str(BIN / "ruff"), "format", "--check", "scripts", "tests"], cwd=REPO)
-
-
-def test_lint_has_no_findings(demo_dir):
-    result = run([*SNAKEMAKE, "--lint", "--directory", str(demo_dir)], cwd=demo_dir, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert "Lints for" not in output, output
 
 
 def test_dry_run_plans_the_dag(demo_dir):
