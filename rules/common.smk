@@ -4,10 +4,12 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
+from eagleflow.config_values import coerce_command_line_strings  # noqa: E402
 from eagleflow.sheets import (  # noqa: E402
     ID_PATTERN,
     check_sheets_agree,
@@ -15,14 +17,30 @@ from eagleflow.sheets import (  # noqa: E402
     read_slide_sheet,
 )
 from eagleflow.batches import assign_batches  # noqa: E402
+from eagleflow.mpp import check_mpp_settings  # noqa: E402
+from eagleflow.slidefiles import slide_fingerprint  # noqa: E402
 from eagleflow.h5io import EMBEDDING_NAMES  # noqa: E402
 from eagleflow.tasks import validate_tasks  # noqa: E402
 from eagleflow.provenance import stage_code_digest  # noqa: E402
 from eagleflow.weights import check_weights_config  # noqa: E402
 
-validate(config, schema="../config/schemas/config.schema.yaml", set_default=True)
+CONFIG_SCHEMA = Path(workflow.basedir) / "config" / "schemas" / "config.schema.yaml"
+# `--config 'eagle={top_k: 12}'` passes '12' as text: typed where the schema asks for a number.
+typed_config, converted = coerce_command_line_strings(
+    config, yaml.safe_load(CONFIG_SCHEMA.read_text())
+)
+config.update(typed_config)
+if converted:
+    print(f"config: read as typed values: {', '.join(converted)}", file=sys.stderr)
+validate(config, schema=str(CONFIG_SCHEMA), set_default=True)
 
-SLIDES = read_slide_sheet(config["slide_sheet"])
+check_mpp_settings(config["tiling"]["mpp_range"], config["tiling"]["default_mpp"])
+# Slide paths inside the working directory stay relative to it: a moved project keeps its paths.
+SLIDES = read_slide_sheet(
+    config["slide_sheet"],
+    mpp_range=config["tiling"]["mpp_range"],
+    relative_to=os.getcwd(),
+)
 CLINICAL = read_clinical_table(config["clinical_table"])
 check_sheets_agree(
     SLIDES,
@@ -65,8 +83,18 @@ wildcard_constraints:
     embedding=alternatives(EMBEDDING_NAMES),
 
 
-def slide_path(wildcards):
-    return SLIDE_PATHS[wildcards.slide]
+def slide_location(wildcards):
+    """The slide's path as a pathlib.Path, for `params:`.
+
+    Snakemake's params trigger records builtin values only (str, numbers, lists, dicts ...), so a
+    Path reaches the job without a moved slide ever planning it; slide_content decides instead.
+    """
+    return Path(SLIDE_PATHS[wildcards.slide])
+
+
+def slide_content(wildcards):
+    """The slide's path-free fingerprint (size and mtime): what reruns a slide's tiling."""
+    return slide_fingerprint(SLIDE_PATHS[wildcards.slide])
 
 
 def sheet_mpp(wildcards):

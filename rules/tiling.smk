@@ -1,6 +1,8 @@
+# The slide is no `input:`: Snakemake replans a job whose input paths changed, so a moved project
+# or slide folder would tile every slide again. Its path reaches the job as an untracked Path param
+# (common.smk slide_location) and its content fingerprint as a tracked one: a slide replaced or
+# rewritten is tiled again, a moved one is not.
 rule tiling_tile_slide:
-    input:
-        slide=slide_path,
     output:
         tiles="results/tiles/{slide}.h5",
         qc=report(
@@ -21,7 +23,10 @@ rule tiling_tile_slide:
         runtime=30,
     params:
         code=stage_code_digest("tiling_tile_slide"),
-        tiling=config["tiling"],
+        # mpp_range only decides which slides are refused: read by the script, so it reruns nothing
+        tiling={k: v for k, v in config["tiling"].items() if k != "mpp_range"},
         sheet_mpp=sheet_mpp_param(),
+        slide=slide_location,
+        slide_content=slide_content,
     script:
         "../scripts/tiling_tile_slide.py"

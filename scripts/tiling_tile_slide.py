@@ -6,9 +6,9 @@ from eagleflow.tiling import run_tiling
 run_rule(
     snakemake.log[0],
     run_tiling,
-    slide_path=snakemake.input.slide,
+    slide_path=str(snakemake.params.slide),
     slide_id=snakemake.wildcards.slide,
-    params=dict(snakemake.params.tiling),
+    params={**snakemake.params.tiling, "mpp_range": snakemake.config["tiling"]["mpp_range"]},
     sheet_mpp=snakemake.params.sheet_mpp,
     tiles_h5=snakemake.output.tiles,
     qc_png=snakemake.output.qc,

@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 import yaml
 from conftest import REPO, shrink, tissue_image, write_pyramid
-from workflow_helpers import FAST_CONFIG
+from workflow_helpers import FAST, FAST_CONFIG, SNAKEMAKE
 
 # Bad slides of the workflow test: hostile file name -> (slide id, what its log must say).
 BAD_SLIDES = {
@@ -50,6 +50,26 @@ def make_hostile_workdir(work: Path) -> Path:
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (work / "config" / "fast.yaml").write_text(FAST_CONFIG.replace("n_batches: 2", "n_batches: 1"))
     return work
+
+
+def tiling_args(work: Path) -> list[str]:
+    """Snakemake arguments that tile the slides of `work` (append --cores or -n)."""
+    return [*SNAKEMAKE, "--directory", str(work), *FAST, "--until", "tiling_tile_slide"]
+
+
+def make_tiling_workdir(work: Path, slides: dict[str, Path | str]) -> list[str]:
+    """A working directory for `slides` (id -> PATH as the sheet gives it, one patient each);
+    returns its tiling_args."""
+    (work / "config").mkdir(parents=True)
+    rows = "".join(f"P{i},{slide},{path}\n" for i, (slide, path) in enumerate(slides.items()))
+    (work / "slides.csv").write_text("PATIENT,SLIDE,PATH\n" + rows)
+    clinical = "".join(f"P{i},{'AB'[i % 2]}\n" for i in range(len(slides)))
+    (work / "clinical.csv").write_text("PATIENT,SUBTYPE\n" + clinical)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(slide_sheet="slides.csv", clinical_table="clinical.csv", tasks={})
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (work / "config" / "fast.yaml").write_text("features:\n  n_batches: 1\n")
+    return tiling_args(work)
 
 
 def _sparse_tiles(

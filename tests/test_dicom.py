@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO, tissue_image
+from conftest import tissue_image
 from debian_packages import DebianPackagesUnavailableError, apt_install
-from workflow_helpers import FAST, SNAKEMAKE, job_counts, run
+from hostile_helpers import make_tiling_workdir
+from workflow_helpers import job_counts, run
 
 from eagleflow.demo import SlideSpec, write_pyramid_tiff
 from eagleflow.h5io import read_tiles
@@ -84,14 +84,7 @@ def test_the_sheet_accepts_a_dicom_folder_and_names_one_without_a_slide(converte
 def test_a_dicom_folder_goes_through_the_workflow_tiling(converted, tmp_path):
     svs, folder = converted
     work = tmp_path / "work"
-    (work / "config").mkdir(parents=True)
-    (work / "slides.csv").write_text(f"PATIENT,SLIDE,PATH\nP1,DCM-1,{folder}\nP2,SVS-1,{svs}\n")
-    (work / "clinical.csv").write_text("PATIENT,SUBTYPE\nP1,A\nP2,B\n")
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(slide_sheet="slides.csv", clinical_table="clinical.csv", tasks={})
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (work / "config" / "fast.yaml").write_text("features:\n  n_batches: 1\n")
-    args = [*SNAKEMAKE, "--directory", str(work), *FAST, "--until", "tiling_tile_slide"]
+    args = make_tiling_workdir(work, {"DCM-1": folder, "SVS-1": svs})
     run([*args, "--cores", "2"], cwd=work)
     dicom, _ = read_tiles(work / "results" / "tiles" / "DCM-1.h5")
     from_svs, _ = read_tiles(work / "results" / "tiles" / "SVS-1.h5")

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tissue_image, write_pyramid
+from hostile_helpers import make_tiling_workdir, tiling_args
 from workflow_helpers import FAST, REPO, SNAKEMAKE, job_counts, run
 
 from eagleflow.batches import assign_batches, batch_of
@@ -204,3 +206,70 @@ def test_adding_a_task_trains_only_that_task(finished_demo):
         "evaluation_summary": 1,
         "evaluation_umap": 1,  # it colours patients by every task's label
     }
+
+
+def copy_project(finished_demo: Path, to: Path) -> Path:
+    """The finished demo copied elsewhere as users move projects (times kept, as mv/rsync -a do)."""
+    shutil.copytree(finished_demo, to, symlinks=True)
+    return to
+
+
+def output_stamps(workdir: Path, *folders: str) -> dict[str, tuple[int, bytes]]:
+    """Relative path -> (mtime, bytes) of every file under `folders`."""
+    return {
+        str(path.relative_to(workdir)): (path.stat().st_mtime_ns, path.read_bytes())
+        for folder in folders
+        for path in sorted((workdir / folder).rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_a_moved_project_plans_nothing(finished_demo, tmp_path):
+    """Issue 13: a finished demo copied to another folder planned all its jobs again, every
+    tiling job for "Set of input files has changed", as the slide paths were absolute."""
+    moved = copy_project(finished_demo, tmp_path / "project-space" / "demo")
+    assert plan(moved) == {}
+
+
+def test_a_moved_slide_folder_recomputes_no_tiles_and_no_features(finished_demo, tmp_path):
+    """The slides move (the sheet follows, the files are the same): no tiling job is planned,
+    and the batch jobs that see the new paths keep every tiles and features file as it was."""
+    work = copy_project(finished_demo, tmp_path / "demo")
+    slides = work / "resources" / "demo" / "slides"
+    archive = tmp_path / "archive" / "scans"
+    archive.parent.mkdir()
+    shutil.move(slides, archive)
+    sheet = work / "resources" / "demo" / "slides.csv"
+    sheet.write_text(sheet.read_text().replace(",slides/", f",{archive}/"))
+    assert str(archive) in sheet.read_text()
+    before = output_stamps(work, "results/tiles", "results/features")
+    counts = plan(work)
+    assert "tiling_tile_slide" not in counts
+    run([*SNAKEMAKE, "--cores", "2", "--directory", str(work), *FAST], cwd=work)
+    assert output_stamps(work, "results/tiles", "results/features") == before
+    assert plan(work) == {}
+
+
+def test_tiling_follows_the_slides_content_not_their_paths(tmp_path):
+    """The same moves on tiling alone (fast): a copied project and a moved slide folder plan no
+    tiling job and keep the tiles files; a slide rewritten with other pixels is tiled again."""
+    scratch = tmp_path / "scratch" / "demo"
+    (scratch / "slides").mkdir(parents=True)
+    for i in range(2):
+        write_pyramid(scratch / "slides" / f"S{i}.tif", tissue_image(2048, 1536, seed=i), 0.5)
+    args = make_tiling_workdir(scratch, {f"S{i}": f"slides/S{i}.tif" for i in range(2)})
+    run([*args, "--cores", "2"], cwd=scratch)
+
+    work = copy_project(scratch, tmp_path / "project" / "demo")
+    assert "tiling_tile_slide" not in job_counts(run([*tiling_args(work), "-n"], cwd=work).stdout)
+
+    archive = tmp_path / "archive"
+    shutil.move(work / "slides", archive)
+    sheet = work / "slides.csv"
+    sheet.write_text(sheet.read_text().replace(",slides/", f",{archive}/"))
+    before = output_stamps(work, "results/tiles")
+    run([*tiling_args(work), "--cores", "2"], cwd=work)
+    assert output_stamps(work, "results/tiles") == before
+
+    write_pyramid(archive / "S1.tif", tissue_image(2048, 1536, seed=7), 0.5)
+    assert job_counts(run([*tiling_args(work), "-n"], cwd=work).stdout)["tiling_tile_slide"] == 1
