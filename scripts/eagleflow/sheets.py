@@ -39,11 +39,26 @@ def table_separator(path: str | os.PathLike[str]) -> str:
     return "\t" if Path(path).suffix.lower() in (".tsv", ".txt") else ","
 
 
+# The config key that names each table (for the message when the file is not there).
+TABLE_CONFIG_KEYS = {"slide sheet": "slide_sheet", "clinical table": "clinical_table"}
+
+
+def missing_table_message(what: str, path: Path) -> str:
+    """What a first run without its sheets is told: what creates the demo's, how to give one's own."""
+    key = TABLE_CONFIG_KEYS.get(what, what)
+    return (
+        f"{what} {path}: file not found. The demo cohort and its sheets are written by "
+        f"`make demo-data` (`make demo` also runs the workflow on them). For your own cohort, "
+        f"set `{key}` to your file's path in config/config.yaml, or run with "
+        f"`--config {key}=PATH` (README, 'Inputs')."
+    )
+
+
 def read_table(path: str | os.PathLike[str], what: str) -> pd.DataFrame:
     """CSV or TSV (by extension; '.tsv'/'.txt' are tab-separated), every cell read as text."""
     path = Path(path)
     if not path.is_file():
-        raise SheetError(f"{what} {path}: file not found. Set its path in the config.")
+        raise SheetError(missing_table_message(what, path))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
