@@ -53,3 +53,18 @@ def test_every_conda_env_pins_the_versions_of_requirements_txt():
             if required.get(name) != version
         }
         assert not differ, f"{env.name} (env, requirements.txt): {differ}"
+
+
+def test_the_profile_docs_name_the_snakefiles_local_rules():
+    snakefile = (REPO / "Snakefile").read_text()
+    block = re.search(r"^localrules:\n((?:    \w+,\n)+)", snakefile, re.M)
+    assert block, "no localrules: block in the Snakefile"
+    local = [name.strip(" ,") for name in block.group(1).splitlines()]
+    docs = (REPO / "profiles" / "README.md").read_text()
+    assert "the one local rule" not in docs
+    for rule in local:
+        if rule != "all":
+            assert f"`{rule}`" in docs, rule
+    profile = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
+    named = set(re.findall(r"#.*?\b(\w+_\w+)\b", profile)) & set(local)
+    assert not named, f"profiles/slurm/config.yaml comments name single local rules: {named}"
