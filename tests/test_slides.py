@@ -111,6 +111,9 @@ def test_screen_default_resolution_is_refused_naming_value_source_and_fix():
     assert "Put the slide's MPP in the sheet's MPP column" in message
     # the advice works: the sheet's MPP is used instead
     assert resolve_mpp(SCREEN_DEFAULT, 0.5, None, "s")[:2] == (0.5, "sheet MPP column")
+    # the sheet's MPP is bounded by the sheet check (with the configured range), not again here:
+    # later stages pass the MPP recorded at tiling, which a widened tiling.mpp_range let through
+    assert resolve_mpp(SCREEN_DEFAULT, 20.0, None, "s")[0] == 20.0
 
 
 @pytest.mark.parametrize(

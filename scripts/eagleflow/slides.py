@@ -209,11 +209,13 @@ def resolve_mpp(
 
     Order: the sheet's MPP column (an explicit override) > OpenSlide's `openslide.mpp-x` > the TIFF
     description or resolution tags > the config's `default_mpp` (with a warning) > SlideError.
-    An MPP outside `mpp_range` (a screen default such as 72 dpi) is a SlideError, not a fallback.
+    An MPP from the slide or `default_mpp` outside `mpp_range` (a screen default such as 72 dpi)
+    is a SlideError, not a fallback. The sheet's MPP is the user's override, checked against the
+    configured range when the sheet is read (later stages pass the MPP recorded at tiling here).
     """
     if sheet_mpp is not None and not math.isnan(sheet_mpp):
-        mpp, source, warning = float(sheet_mpp), "sheet MPP column", ""
-    elif (found := _metadata_mpp(props)) is not None:
+        return float(sheet_mpp), "sheet MPP column", ""
+    if (found := _metadata_mpp(props)) is not None:
         mpp, source, warning = found
     elif default_mpp is not None:
         warning = f"no MPP in the slide or the sheet; assumed tiling.default_mpp = {default_mpp}"
