@@ -133,3 +133,21 @@ def test_sheet_mpp_bounds_follow_the_configured_range(slide_files):
     assert read_slide_sheet(sheet, mpp_range=(0.05, 100.0)).at["S1", "MPP"] == 50.0
     with pytest.raises(SheetError, match=r"MPP: 50 µm/px is outside the plausible range 1-20"):
         read_slide_sheet(sheet, mpp_range=(1.0, 20.0)).at["S1", "MPP"]
+
+
+def test_paths_inside_the_working_directory_stay_relative_to_it(tmp_path):
+    """What the workflow passes on: a project moved as a whole keeps the same slide paths."""
+    work, elsewhere = tmp_path / "work", tmp_path / "archive"
+    for folder in (work / "resources" / "slides", elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "a.svs").write_bytes(b"x")
+    sheet = write(
+        work / "resources" / "slides.csv",
+        f"PATIENT,SLIDE,PATH\nP1,S1,slides/a.svs\nP2,S2,{elsewhere / 'a.svs'}\n"
+        "P3,S3,../resources/slides/a.svs\n",
+    )
+    table = read_slide_sheet(sheet, relative_to=work)
+    assert table.at["S1", "PATH"] == "resources/slides/a.svs"
+    assert table.at["S2", "PATH"] == str((elsewhere / "a.svs").resolve())
+    assert table.at["S3", "PATH"] == "resources/slides/a.svs"
+    assert read_slide_sheet(sheet).at["S1", "PATH"] == str(sheet.parent.resolve() / "slides/a.svs")
