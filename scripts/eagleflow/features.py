@@ -1,11 +1,13 @@
 """Tile reading for the model stages and the CTransPath feature stage (tiles -> features H5).
 
-Tiles are re-read from the slide with the geometry recorded in the tiles file, by DataLoader
-workers that decode while the model computes; one model load serves every slide of a batch.
+Tiles are re-read from the slide with the geometry recorded in the tiles file, by reader threads
+(eagleflow.tilereader) that decode while the model computes; one model load serves every slide
+of a batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,13 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from eagleflow.batches import slides_to_compute, stage_params_sha256, write_manifest
 from eagleflow.h5io import FEATURES_FORMAT, read_attrs, read_tiles, write_h5
 from eagleflow.provenance import provenance_attrs
-from eagleflow.slides import open_slide, read_tile
+from eagleflow.tilereader import SlideTileReader, iter_slide_tiles
 from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
@@ -79,40 +80,16 @@ class TileGeometry:
             self.tile_px,
         )
 
-
-class TileDataset(Dataset):
-    """(slide index, tile index, uint8 RGB tile [H, W, 3]) over the tiles of several slides."""
-
-    def __init__(self, slides: Sequence[TileGeometry], transpose: bool = False) -> None:
-        self.slides = list(slides)
-        self.transpose = transpose
-        self.index = np.array(
-            [(s, t) for s, geometry in enumerate(self.slides) for t in range(len(geometry.coords))],
-            dtype=np.int64,
-        ).reshape(-1, 2)
-        self._handles: dict[int, Any] = {}  # per worker process: slides opened once
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, item: int) -> tuple[int, int, torch.Tensor]:
-        slide_index, tile_index = (int(v) for v in self.index[item])
-        geometry = self.slides[slide_index]
-        if slide_index not in self._handles:
-            self._handles = {slide_index: open_slide(geometry.slide_path, geometry.slide_id)}
-        x, y = geometry.coords[tile_index]
-        tile = read_tile(
-            self._handles[slide_index],
-            int(x),
-            int(y),
-            geometry.size_level0,
-            geometry.level,
-            geometry.downsample,
-            geometry.tile_px,
+    def reader(self) -> SlideTileReader:
+        return SlideTileReader(
+            self.slide_path,
+            self.slide_id,
+            self.coords,
+            self.size_level0,
+            self.level,
+            self.downsample,
+            self.tile_px,
         )
-        if self.transpose:
-            tile = np.ascontiguousarray(tile.transpose(1, 0, 2))
-        return slide_index, tile_index, torch.from_numpy(tile)
 
 
 def iter_tile_batches(
@@ -122,21 +99,25 @@ def iter_tile_batches(
     transpose: bool = False,
     pin_memory: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
-    """Yield (slide indices, tile indices, uint8 tiles [B, H, W, 3]) in slide order."""
-    dataset = TileDataset(slides, transpose)
-    if len(dataset) == 0:
-        return
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-    for slide_index, tile_index, tiles in loader:
-        yield slide_index.numpy(), tile_index.numpy(), tiles
+    """Yield (slide indices, tile indices, uint8 tiles [B, H, W, 3]) in slide order.
+
+    `num_workers` reader threads (0: read in the calling thread) decode ahead of the consumer,
+    across slide boundaries; a batch may hold the end of one slide and the start of the next.
+    """
+    readers = (geometry.reader() for geometry in slides)
+    tiles = iter_slide_tiles(readers, max(1, num_workers))
+    while True:
+        chunk = list(itertools.islice(tiles, batch_size))
+        if not chunk:
+            return
+        slide_index, tile_index, pixels = zip(*chunk, strict=True)
+        batch = np.stack(pixels)
+        if transpose:
+            batch = np.ascontiguousarray(batch.transpose(0, 2, 1, 3))
+        tensor = torch.from_numpy(batch)
+        if pin_memory:
+            tensor = tensor.pin_memory()
+        yield np.array(slide_index, dtype=np.int64), np.array(tile_index, dtype=np.int64), tensor
 
 
 def runtime_settings(config: dict[str, Any], stage: str = "features") -> dict[str, Any]:

@@ -302,10 +302,15 @@ def read_tile(
     """
     size_level = max(1, round(size_level0 / downsample))
     region = np.asarray(slide.read_region((int(x), int(y)), level, (size_level, size_level)))
-    rgb = rgba_to_rgb(region)
-    if size_level == tile_px:
+    return resize_to_tile(rgba_to_rgb(region), tile_px)
+
+
+def resize_to_tile(rgb: np.ndarray, tile_px: int) -> np.ndarray:
+    """A square RGB region resampled to tile_px: INTER_AREA when shrinking, INTER_CUBIC when not."""
+    side = rgb.shape[0]
+    if side == tile_px:
         return rgb
-    interpolation = cv2.INTER_AREA if size_level > tile_px else cv2.INTER_CUBIC
+    interpolation = cv2.INTER_AREA if side > tile_px else cv2.INTER_CUBIC
     return cv2.resize(rgb, (tile_px, tile_px), interpolation=interpolation)
 
 

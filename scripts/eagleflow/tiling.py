@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,9 +23,9 @@ from eagleflow.slides import (
     level0_tile_size,
     open_slide,
     read_level_downscaled,
-    read_tile,
     slide_info,
 )
+from eagleflow.tilereader import SlideTileReader, iter_slide_tiles
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +135,6 @@ def _box_fractions(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int, 
     return total / area  # (ny, nx)
 
 
-class _SlidePool:
-    """One OpenSlide handle per worker thread (handles are not safe to share across threads)."""
-
-    def __init__(self, path: str, slide_id: str) -> None:
-        self._path, self._slide_id = path, slide_id
-        self._local = threading.local()
-
-    def get(self) -> openslide.OpenSlide:
-        if not hasattr(self._local, "slide"):
-            self._local.slide = open_slide(self._path, self._slide_id)
-        return self._local.slide
-
-
 def iter_tiles(
     path: str,
     slide_id: str,
@@ -157,21 +144,14 @@ def iter_tiles(
     size_level0: int,
     tile_px: int,
     threads: int = 1,
-) -> Iterator[np.ndarray]:
-    """Yield RGB tiles for `coords` in order, reading in `threads` parallel workers."""
-    pool = _SlidePool(path, slide_id)
-
-    def read(xy: np.ndarray) -> np.ndarray:
-        downsample = info.level_downsamples[level]
-        return read_tile(
-            pool.get(), int(xy[0]), int(xy[1]), size_level0, level, downsample, tile_px
-        )
-
-    if threads <= 1:
-        yield from map(read, coords)
-        return
-    with ThreadPoolExecutor(max_workers=threads) as executor:
-        yield from executor.map(read, coords, chunksize=16)
+    transform: Callable[[np.ndarray], Any] | None = None,
+) -> Iterator[Any]:
+    """Yield RGB tiles (or `transform(tile)`, computed in the reader threads) for `coords` in order."""
+    reader = SlideTileReader(
+        path, slide_id, coords, size_level0, level, info.level_downsamples[level], tile_px
+    )
+    for _, _, item in iter_slide_tiles([reader], threads, transform):
+        yield item
 
 
 def _unreadable(label: str, where: str, err: Exception) -> SlideError:
@@ -222,13 +202,17 @@ def tile_slide(
         )
     level = best_level(info, params.tile_mpp)
     edges = np.empty(len(candidates), dtype=np.float32)
-    tiles = iter_tiles(path, slide_id, info, candidates, level, size, params.tile_px, threads)
+    # the Canny test runs in the reader threads, next to the decode of its tile
+    canny = partial(edge_fraction, low=params.canny_low, high=params.canny_high)
+    fractions_iter = iter_tiles(
+        path, slide_id, info, candidates, level, size, params.tile_px, threads, canny
+    )
     done = 0
     try:
-        for tile in tqdm(
-            tiles, total=len(candidates), desc=f"edges {slide_id}", disable=not progress
+        for fraction in tqdm(
+            fractions_iter, total=len(candidates), desc=f"edges {slide_id}", disable=not progress
         ):
-            edges[done] = edge_fraction(tile, params.canny_low, params.canny_high)
+            edges[done] = fraction
             done += 1
     except openslide.OpenSlideError as err:
         x, y = candidates[done]
