@@ -7,10 +7,12 @@ computation from first principles, so the tests compare the package against them
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,16 @@ def find_key_spec(name: str) -> Path | None:
     return None
 
 
+def key_spec_or_skip(name: str) -> dict[str, Any]:
+    """load_key_spec, or skip the test when the published key list is not available."""
+    if find_key_spec(name) is None:
+        pytest.skip(
+            f"{name}.json (published checkpoint keys) is in neither tests/data/checkpoint_keys "
+            "nor ../shared/reference/checkpoint_keys"
+        )
+    return load_key_spec(name)
+
+
 def load_key_spec(name: str) -> dict[str, Any]:
     path = find_key_spec(name)
     if path is None:
@@ -52,6 +64,9 @@ def container_key(spec: dict[str, Any]) -> str | None:
     """The wrapper key the JSON's `container` text describes, or None for a bare state dict."""
     text = spec["container"]
     match = re.search(r"under the top-level key '([^']+)'", text)
+    if match:
+        return match.group(1)
+    match = re.search(r"torch\.load\([^)]*\)\['([^']+)'\]", text)  # "torch.load(path)['model']"
     if match:
         return match.group(1)
     if re.search(r"\bbare state dict\b", text):
@@ -237,3 +252,107 @@ def chief_reference(sd: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tenso
     )
     c_w, c_b = sd["attention_net.3.attention_c.weight"], sd["attention_net.3.attention_c.bias"]
     return F.linear(a * g, c_w, c_b)[:, 0]
+
+
+# --- Prov-GigaPath LongNet, stated per head and per query -------------------------------------
+
+
+def independent_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: tuple[int, ...],
+    dilated_ratios: tuple[int, ...],
+    positions: list[int] | None = None,
+    count_padding: bool = True,
+) -> torch.Tensor:
+    """LongNet dilated attention [N, H, D] -> [N, H, D], one (head, query) at a time.
+
+    For each branch (sl, r) with sl' = min(sl, N): the query at p lies in segment p // sl'; head
+    h belongs to group g = h // (H / r); the branch counts only if (p - start) % r == g, and then
+    contributes the keys at start + g + j r for j < ceil(sl' / r): a key past the segment (the
+    segment's padding to a multiple of r) or past the sequence (padding to a multiple of sl') is
+    a zero vector with a zero value. One explicit softmax over all contributed keys.
+    Only the query rows in `positions` are computed (all by default); the others stay zero.
+    count_padding=False drops the padded keys instead (not the reference: for tests that must
+    tell the two apart).
+    """
+    n, heads, dim = q.shape
+    out = torch.zeros_like(q)
+    for h in range(heads):
+        for p in range(n) if positions is None else positions:
+            keys, values = [], []
+            for segment, ratio in zip(segment_lengths, dilated_ratios, strict=True):
+                segment = min(segment, n)
+                start = (p // segment) * segment
+                group = h // (heads // ratio)
+                if (p - start) % ratio != group:
+                    continue
+                index = start + group + ratio * torch.arange(-(-segment // ratio))
+                real = ((index - start) < segment) & (index < n)
+                safe = index.clamp(max=n - 1)
+                if not count_padding:
+                    index, safe, real = index[real], safe[real], real[real]
+                keys.append(torch.where(real[:, None], k[safe, h], 0.0))
+                values.append(torch.where(real[:, None], v[safe, h], 0.0))
+            logits = torch.cat(keys) @ q[p, h] * dim**-0.5
+            out[p, h] = torch.softmax(logits, dim=0) @ torch.cat(values)
+    return out
+
+
+def sincos_row(gx: int, gy: int, dim: int = 768) -> torch.Tensor:
+    """Row 1 + gx * 1000 + gy of get_2d_sincos_pos_embed(dim, 1000, cls_token=True), float64.
+
+    Written out from the closed formula: [E(gy), E(gx)], E(p) = [sin(p w_k)] ++ [cos(p w_k)],
+    w_k = 10000 ** (-k / (dim / 4)), k < dim / 4.
+    """
+    quarter = dim // 4
+
+    def code(p: int) -> list[float]:
+        omegas = [10000.0 ** (-k / quarter) for k in range(quarter)]
+        return [math.sin(p * w) for w in omegas] + [math.cos(p * w) for w in omegas]
+
+    return torch.tensor(code(gy) + code(gx), dtype=torch.float64)
+
+
+def longnet_reference_forward(
+    sd: dict[str, torch.Tensor],
+    tile_embeddings: torch.Tensor,
+    cells: list[tuple[int, int]],
+    segment_lengths: tuple[int, ...],
+    dilated_ratios: tuple[int, ...],
+) -> list[torch.Tensor]:
+    """The reference LongNetViT (global_pool=True, all_layer_embed=True) from the file's keys.
+
+    Tokens in the given order; returns the 13 pooled layer outputs, then the final-norm output.
+    """
+    heads, eps = 16, 1e-5
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+
+    def ln(x: torch.Tensor, name: str, e: float = eps) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), sd[f"{name}.weight"], sd[f"{name}.bias"], e)
+
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    x = lin(tile_embeddings, "patch_embed.proj")
+    x = x + torch.stack([sincos_row(gx, gy) for gx, gy in cells]).to(x.dtype)
+    x = torch.cat([sd["cls_token"][0], x])
+    n, dim = x.shape
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return ln(t[1:].mean(0), "norm", 1e-6)
+
+    pooled = [pool(x)]
+    for i in range(depth):
+        p = f"encoder.layers.{i}"
+        a = ln(x, f"{p}.self_attn_layer_norm")
+        q, k, v = (lin(a, f"{p}.self_attn.{w}_proj").view(n, heads, -1) for w in "qkv")
+        att = independent_dilated_attention(q, k, v, segment_lengths, dilated_ratios)
+        x = x + lin(
+            ln(att.reshape(n, dim), f"{p}.self_attn.inner_attn_ln"), f"{p}.self_attn.out_proj"
+        )
+        h = F.gelu(lin(ln(x, f"{p}.final_layer_norm"), f"{p}.ffn.fc1"))
+        x = x + lin(ln(h, f"{p}.ffn.ffn_layernorm"), f"{p}.ffn.fc2")
+        pooled.append(pool(x))
+    return [*pooled, pool(ln(x, "encoder.layer_norm"))]

@@ -17,7 +17,7 @@ from model_fixtures import (
     container_key,
     ctranspath054_forward,
     fabricate_state_dict,
-    find_key_spec,
+    key_spec_or_skip,
     load_key_spec,
     save_checkpoint,
     swin054_attn_mask,
@@ -50,15 +50,6 @@ from eagleflow.models.registry import REGISTRY, demo_seed, random_state_dict
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def _spec_or_skip(name: str) -> dict:
-    if find_key_spec(name) is None:
-        pytest.skip(
-            f"{name}.json (published checkpoint keys) is in neither tests/data/checkpoint_keys "
-            "nor ../shared/reference/checkpoint_keys"
-        )
-    return load_key_spec(name)
-
-
 def _as_dict(obj: object, spec: dict) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded, wrapped checkpoint."""
     key = container_key(spec)
@@ -72,20 +63,20 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def chief_file(ckpt_dir: Path) -> Path:
-    spec = _spec_or_skip("chief")
+    spec = key_spec_or_skip("chief")
     return save_checkpoint(spec, fabricate_state_dict(spec, seed=1), ckpt_dir / "chief.pth")
 
 
 @pytest.fixture(scope="session")
 def ctranspath_file(ckpt_dir: Path) -> Path:
-    spec = _spec_or_skip("ctranspath")
+    spec = key_spec_or_skip("ctranspath")
     return save_checkpoint(spec, fabricate_state_dict(spec, seed=2), ckpt_dir / "ctranspath.pth")
 
 
 @pytest.fixture(scope="session")
 def virchow2_file(ckpt_dir: Path) -> Iterator[Path]:
     """The full-size (2.5 GB fp32) Virchow2 checkpoint, written once per session and removed."""
-    spec = _spec_or_skip("virchow2")
+    spec = key_spec_or_skip("virchow2")
     path = save_checkpoint(spec, fabricate_state_dict(spec, seed=3), ckpt_dir / "virchow2.pth")
     yield path
     path.unlink(missing_ok=True)
@@ -116,7 +107,7 @@ def test_chief_checkpoint_loads_exactly(chief_file: Path) -> None:
 
 
 def test_chief_loads_without_organ_embedding(tmp_path: Path) -> None:
-    spec = _spec_or_skip("chief")
+    spec = key_spec_or_skip("chief")
     sd = fabricate_state_dict(spec)
     del sd["organ_embedding"]  # as STAMP/EAGLE re-save it
     path = tmp_path / "chief_no_organ.pth"
@@ -128,7 +119,7 @@ def test_chief_loads_without_organ_embedding(tmp_path: Path) -> None:
 def test_chief_loads_from_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    spec = _spec_or_skip("chief")
+    spec = key_spec_or_skip("chief")
     sd = fabricate_state_dict(spec)
     path = tmp_path / "chief.safetensors"
     save_file(sd, str(path))
@@ -228,7 +219,7 @@ def test_virchow2_module_tree_equals_timm_entrypoint() -> None:
 
 
 def test_chief_attention_raw_is_not_softmaxed(tmp_path: Path) -> None:
-    spec = _spec_or_skip("chief")
+    spec = key_spec_or_skip("chief")
     sd = fabricate_state_dict(spec, seed=5)
     sd["attention_net.3.attention_c.weight"] = torch.full((1, 256), 3.0)
     sd["attention_net.3.attention_c.bias"] = torch.tensor([-2.0])
@@ -259,7 +250,7 @@ def test_ctranspath_equals_independent_timm054_forward(ctranspath_file: Path) ->
 
 def test_ctranspath_old_layout_roundtrip_is_bit_exact(tmp_path: Path) -> None:
     """A seeded model, saved in the published 0.5.4 layout and loaded back, gives identical output."""
-    spec = _spec_or_skip("ctranspath")
+    spec = key_spec_or_skip("ctranspath")
     source = build_model("ctranspath")
     sd = random_state_dict(source, seed=11)
     gen = torch.Generator().manual_seed(12)
@@ -297,7 +288,7 @@ def test_swin054_buffers_match_timm_constructor() -> None:
 
 @pytest.mark.parametrize("kind", ["renamed", "missing", "misshapen"])
 def test_chief_bad_key_is_named(kind: str, tmp_path: Path) -> None:
-    spec = _spec_or_skip("chief")
+    spec = key_spec_or_skip("chief")
     sd = fabricate_state_dict(spec)
     key = "attention_net.3.attention_c.weight"
     if kind == "renamed":
@@ -320,7 +311,7 @@ def test_chief_bad_key_is_named(kind: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["renamed", "missing", "misshapen"])
 def test_ctranspath_bad_key_is_named_as_in_the_file(kind: str, tmp_path: Path) -> None:
-    spec = _spec_or_skip("ctranspath")
+    spec = key_spec_or_skip("ctranspath")
     sd = fabricate_state_dict(spec)
     key = "layers.0.downsample.reduction.weight"  # renamed by the layout conversion
     if kind == "renamed":
@@ -372,7 +363,7 @@ class _WritesMarker:
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
-    spec = _spec_or_skip("chief")
+    spec = key_spec_or_skip("chief")
     sd = fabricate_state_dict(spec)
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"

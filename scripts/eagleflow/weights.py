@@ -16,7 +16,16 @@ from eagleflow.errors import EagleflowError
 
 log = logging.getLogger(__name__)
 DEMO = "demo"
-MODEL_NAMES: tuple[str, ...] = ("ctranspath", "chief", "virchow2")
+# The models EAGLE runs (a config must set all three) ...
+EAGLE_MODELS: tuple[str, ...] = ("ctranspath", "chief", "virchow2")
+# ... and every model load_model knows (the others are optional in the config).
+MODEL_NAMES: tuple[str, ...] = (
+    *EAGLE_MODELS,
+    "gigapath_tile",
+    "gigapath_slide",
+    "pathoduet_he",
+    "pathoduet_ihc",
+)
 
 
 class WeightsError(EagleflowError, ValueError):
@@ -32,6 +41,7 @@ class PublishedWeights:
     sha256: str | None  # None: no published hash known, the hash is recorded but not checked
     source: str
     container: str
+    state_dict_key: str | None = None  # the top-level key holding the state dict, if any
 
 
 REGISTRY: dict[str, PublishedWeights] = {
@@ -45,6 +55,7 @@ REGISTRY: dict[str, PublishedWeights] = {
             "(https://drive.google.com/file/d/1DoDx_70_TLj98gTf6YTXnu4tFhsFocDX)"
         ),
         container="timm 0.5.4 Swin state dict under the top-level key 'model'",
+        state_dict_key="model",
     ),
     "chief": PublishedWeights(
         name="chief",
@@ -66,6 +77,47 @@ REGISTRY: dict[str, PublishedWeights] = {
             "torch.save(model.state_dict(), path)"
         ),
         container="bare timm state dict (455 keys)",
+    ),
+    "gigapath_tile": PublishedWeights(
+        name="gigapath_tile",
+        file_name="pytorch_model.bin",
+        sha256=None,
+        source=(
+            "Hugging Face prov-gigapath/prov-gigapath (gated: log in and accept the terms), file "
+            "pytorch_model.bin (the tile encoder)"
+        ),
+        container="bare timm state dict (566 keys)",
+    ),
+    "gigapath_slide": PublishedWeights(
+        name="gigapath_slide",
+        file_name="slide_encoder.pth",
+        sha256=None,
+        source=(
+            "Hugging Face prov-gigapath/prov-gigapath (gated: log in and accept the terms), file "
+            "slide_encoder.pth (the LongNet slide encoder)"
+        ),
+        container="LongNetViT state dict under the top-level key 'model' (247 keys)",
+        state_dict_key="model",
+    ),
+    "pathoduet_he": PublishedWeights(
+        name="pathoduet_he",
+        file_name="checkpoint_HE.pth",
+        sha256=None,
+        source=(
+            "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder it "
+            "links, file checkpoint_HE.pth"
+        ),
+        container="bare state dict (151 keys, no head)",
+    ),
+    "pathoduet_ihc": PublishedWeights(
+        name="pathoduet_ihc",
+        file_name="checkpoint_IHC.pth",
+        sha256=None,
+        source=(
+            "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder it "
+            "links, file checkpoint_IHC.pth"
+        ),
+        container="bare state dict (151 keys, no head)",
     ),
 }
 
@@ -187,7 +239,7 @@ def check_weights_config(
     models_cfg: Mapping[str, Any],
     *,
     hash_files: bool = False,
-    required: Iterable[str] = MODEL_NAMES,
+    required: Iterable[str] = EAGLE_MODELS,
 ) -> dict[str, WeightsInfo]:
     """Check the `models:` config section at workflow start, before any slide is touched.
 

@@ -1,4 +1,5 @@
-"""The three models of EAGLE, loaded exactly from their published checkpoints (or demo weights).
+"""EAGLE's three models and the alternatives, loaded exactly from their published checkpoints
+(or demo weights).
 
 `load_model(name, weights)` builds the architecture, reads the file safely, applies only the
 documented container unwrap and key remap, loads with strict=True and returns an eval-mode module
@@ -18,8 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from eagleflow.models import chief, ctranspath, virchow2
+from eagleflow.models import chief, ctranspath, gigapath_slide, gigapath_tile, pathoduet, virchow2
 from eagleflow.models.chief import Chief, ChiefOutput
+from eagleflow.models.gigapath_slide import GigaPathSlideEncoder, SlideEncoderOutput
+from eagleflow.models.gigapath_tile import GigaPathTile
+from eagleflow.models.pathoduet import PathoDuet
 from eagleflow.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_tiles
 from eagleflow.models.registry import (
     DEMO,
@@ -46,7 +50,11 @@ __all__ = [
     "REGISTRY",
     "Chief",
     "ChiefOutput",
+    "GigaPathSlideEncoder",
+    "GigaPathTile",
     "ModelSpec",
+    "PathoDuet",
+    "SlideEncoderOutput",
     "Virchow2",
     "WeightsError",
     "WeightsInfo",
@@ -75,6 +83,7 @@ class ModelSpec:
     signature_keys: tuple[str, ...]
     on_meta: bool  # False where non-persistent buffers must be computed by the constructor
     published_key: Callable[[str], str] | None = None  # model key -> its name in the file
+    demo_state_dict: Callable[[nn.Module, int], dict[str, torch.Tensor]] = random_state_dict
 
 
 SPECS: dict[str, ModelSpec] = {
@@ -87,7 +96,12 @@ SPECS: dict[str, ModelSpec] = {
         published_key=ctranspath.published_key,
     ),
     "chief": ModelSpec(
-        "chief", chief.build_chief, chief.prepare_state_dict, chief.SIGNATURE_KEYS, on_meta=True
+        "chief",
+        chief.build_chief,
+        chief.prepare_state_dict,
+        chief.SIGNATURE_KEYS,
+        on_meta=True,
+        demo_state_dict=chief.demo_state_dict,
     ),
     "virchow2": ModelSpec(
         "virchow2",
@@ -96,6 +110,30 @@ SPECS: dict[str, ModelSpec] = {
         virchow2.SIGNATURE_KEYS,
         on_meta=True,
     ),
+    "gigapath_tile": ModelSpec(
+        "gigapath_tile",
+        gigapath_tile.build_gigapath_tile,
+        gigapath_tile.prepare_state_dict,
+        gigapath_tile.SIGNATURE_KEYS,
+        on_meta=True,
+    ),
+    "gigapath_slide": ModelSpec(
+        "gigapath_slide",
+        gigapath_slide.build_gigapath_slide,
+        gigapath_slide.prepare_state_dict,
+        gigapath_slide.SIGNATURE_KEYS,
+        on_meta=True,
+    ),
+    **{
+        name: ModelSpec(
+            name,
+            pathoduet.build_pathoduet,
+            pathoduet.prepare_state_dict,
+            pathoduet.SIGNATURE_KEYS,
+            on_meta=True,
+        )
+        for name in ("pathoduet_he", "pathoduet_ihc")  # one architecture, two weight files
+    },
 }
 
 
@@ -135,14 +173,18 @@ def load_model(
     device: torch.device | str = "cpu",
     config_key: str | None = None,
 ) -> nn.Module:
-    """Build `name` ("ctranspath", "chief", "virchow2") with `weights` (a file path or "demo").
+    """Build `name` (one of MODEL_NAMES) with `weights` (a file path or "demo").
 
     `weights` may also be the WeightsInfo of an earlier `resolve_weights` call, so the file is
     not hashed twice.
 
     Returns an eval-mode fp32 module on `device` with `model.eagleflow_weights` (a WeightsInfo).
     ctranspath: normalized [B,3,224,224] -> [B,768]; virchow2: -> class token [B,1280]
-    (`forward_tokens` -> [B,261,1280]); chief: features [N,768] -> ChiefOutput.
+    (`forward_tokens` -> [B,261,1280]); chief: features [N,768] -> ChiefOutput;
+    gigapath_tile: -> class token [B,1536]; pathoduet_he / pathoduet_ihc: RGB in [0, 1] -> mean
+    of the patch tokens after fc_norm [B,768] (`forward_tokens` -> [B,198,768]);
+    gigapath_slide: tile embeddings [L,1536], level-0 coords [L,2], tile size -> [768]
+    (`encode` -> SlideEncoderOutput with all 13 pooled layers).
     Raises WeightsError for a missing file, a checksum mismatch, an unsafe or unreadable file, or
     a file whose keys or shapes do not fit the model.
     """
@@ -160,7 +202,7 @@ def load_model(
     model = build_model(name)
     if info.is_demo:
         log.warning("%s uses random DEMO weights: outputs are not results", name)
-        load_state_dict_exact(model, random_state_dict(model, seed=demo_seed(name)), name, None)
+        load_state_dict_exact(model, spec.demo_state_dict(model, demo_seed(name)), name, None)
     else:
         checkpoint = read_checkpoint(info.path, name)
         try:

@@ -14,13 +14,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from eagleflow.models.registry import require_tensor_dict
+from eagleflow.models.registry import random_state_dict, require_tensor_dict
 
 IN_DIM = 768
 HIDDEN_DIM = 512
 ATTENTION_DIM = 256
 DROPPED_KEYS = ("organ_embedding",)  # CLIP text embeddings of 19 sites; unused by EAGLE
 SIGNATURE_KEYS = ("attention_net.0.weight", "attention_net.3.attention_c.weight")
+# Unit-gain demo weights give attention logits that differ by ~0.01 between demo tiles, so the
+# demo softmax is uniform; this gain on the scorer spreads them over ~1 logit, as a trained
+# scorer ranks tiles (measured on demo-cohort CTransPath features: std 0.007 -> 0.4).
+DEMO_SCORER_GAIN = 64.0
 
 
 class ChiefOutput(NamedTuple):
@@ -101,6 +105,13 @@ def build_chief(device: torch.device | str | None = None) -> Chief:
     """The CHIEF aggregator, created on `device` (meta: no memory, no init; then load weights)."""
     with torch.device(device) if device is not None else nullcontext():
         return Chief()
+
+
+def demo_state_dict(model: Chief, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded DEMO weights (registry.random_state_dict) with the scorer scaled by DEMO_SCORER_GAIN."""
+    state_dict = random_state_dict(model, seed)
+    state_dict["attention_net.3.attention_c.weight"] *= DEMO_SCORER_GAIN
+    return state_dict
 
 
 def prepare_state_dict(checkpoint: Any, path: Path | None) -> dict[str, torch.Tensor]:

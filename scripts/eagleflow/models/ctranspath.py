@@ -16,7 +16,7 @@ from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from eagleflow.models.registry import WeightsError, require_tensor_dict
+from eagleflow.models.registry import unwrap_state_dict
 
 EMBED_DIM = 768
 INPUT_SIZE = 224
@@ -135,13 +135,5 @@ def _next_stage(match: re.Match[str]) -> str:
 
 def prepare_state_dict(checkpoint: Any, path: Path | None) -> dict[str, torch.Tensor]:
     """Unwrap ckpt['model'] (a bare state dict is accepted too) and convert the layout."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get(CONTAINER_KEY), dict):
-        checkpoint = checkpoint[CONTAINER_KEY]
-    elif isinstance(checkpoint, dict) and CONTAINER_KEY in checkpoint:
-        raise WeightsError(
-            f"ctranspath: weight file {str(path)!r}: '{CONTAINER_KEY}' is not a state dict"
-        )
-    state_dict = require_tensor_dict(
-        checkpoint, "ctranspath", path, "a state dict under the key 'model'"
-    )
+    state_dict = unwrap_state_dict(checkpoint, CONTAINER_KEY, "ctranspath", path)
     return checkpoint_filter_fn(state_dict)

@@ -15,6 +15,8 @@ from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NO_NORMALISATION_MEAN = (0.0, 0.0, 0.0)
+NO_NORMALISATION_STD = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -33,17 +35,32 @@ PREPROCESS: dict[str, PreprocessSpec] = {
     "ctranspath": PreprocessSpec(resize=224, crop=224, interpolation=InterpolationMode.BILINEAR),
     # Virchow2's pretrained_cfg: Resize(224, bicubic) + CenterCrop(224) + ImageNet Normalize.
     "virchow2": PreprocessSpec(resize=224, crop=224, interpolation=InterpolationMode.BICUBIC),
+    # Prov-GigaPath (demo/3_load_tile_encoder.py, README): Resize(256, bicubic) + CenterCrop(224)
+    # + ImageNet Normalize, for 256 px tiles at 0.5 µm/px.
+    "gigapath_tile": PreprocessSpec(resize=256, crop=224, interpolation=InterpolationMode.BICUBIC),
+    # PathoDuet's evaluation transform: Resize(256) (bilinear) + CenterCrop(224) + ToTensor, and
+    # no normalisation ("we do not use a normalize function"): RGB in [0, 1].
+    **{
+        name: PreprocessSpec(
+            resize=256,
+            crop=224,
+            interpolation=InterpolationMode.BILINEAR,
+            mean=NO_NORMALISATION_MEAN,
+            std=NO_NORMALISATION_STD,
+        )
+        for name in ("pathoduet_he", "pathoduet_ihc")
+    },
 }
 
 
 def preprocess_spec(name: str) -> PreprocessSpec:
-    """The preprocessing of an image model; CHIEF takes features, not images."""
+    """The preprocessing of an image model; CHIEF and the GigaPath slide encoder take features."""
     try:
         return PREPROCESS[name]
     except KeyError:
         raise ValueError(
             f"no image preprocessing for {name!r} (image models: {', '.join(PREPROCESS)}); "
-            "CHIEF takes CTransPath features"
+            "CHIEF and gigapath_slide take tile features, not images"
         ) from None
 
 

@@ -60,11 +60,12 @@ def read_checkpoint(path: Path, name: str) -> Any:
             detail = f" (it references {found.group(1)})" if found else ""
             raise WeightsError(
                 f"{name}: refusing to load weight file {str(path)!r}: it holds Python objects "
-                f"that unpickling would construct or call{detail}, not just tensors. Weights are "
-                f"only read with torch.load(weights_only=True), so that a weight file can never "
-                f"run code. If you trust the file, re-save only its tensors (the state dict, in "
-                f"the same container) with torch.save in a trusted environment, point the config "
-                f"at the new file and set its sha256 (the published hash no longer applies)."
+                f"that unpickling would construct or call{detail}, not just tensors (for example "
+                f"training arguments saved beside the weights). Weights are only read with "
+                f"torch.load(weights_only=True), so that a weight file can never run code. If "
+                f"you trust the file, re-save only its tensors in a trusted environment: "
+                f"{resave_command(name, path)} then point the config at the new file and set "
+                f"its sha256 (the published hash no longer applies)."
             ) from exc
         raise WeightsError(
             f"{name}: cannot read weight file {str(path)!r} (truncated or corrupt?): {exc}"
@@ -75,6 +76,19 @@ def read_checkpoint(path: Path, name: str) -> Any:
             f"{name}: cannot read weight file {str(path)!r}: it is truncated, corrupt or not a "
             f"PyTorch checkpoint ({first})"
         ) from exc
+
+
+def resave_command(name: str, path: Path) -> str:
+    """A shell command that re-saves the state dict of `path` as a plain tensor dict."""
+    key = REGISTRY[name].state_dict_key if name in REGISTRY else None
+    out = path.with_name(f"{path.stem}.tensors{path.suffix}")
+    state = "c" if key is None else f"c[{key!r}]"
+    keep = "sd" if key is None else f"{{{key!r}: sd}}"
+    return (
+        f'python -c "import torch; c = torch.load({str(path)!r}, weights_only=False); '
+        f"sd = {{k: v for k, v in {state}.items() if isinstance(v, torch.Tensor)}}; "
+        f'torch.save({keep}, {str(out)!r})"'
+    )
 
 
 def require_tensor_dict(
@@ -95,6 +109,17 @@ def require_tensor_dict(
             f"tensors: {shown}"
         )
     return dict(obj)
+
+
+def unwrap_state_dict(
+    checkpoint: Any, key: str, name: str, path: Path | None
+) -> dict[str, torch.Tensor]:
+    """The tensor dict under checkpoint[key] (a bare state dict is accepted too)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+        checkpoint = checkpoint[key]
+    elif isinstance(checkpoint, dict) and key in checkpoint:
+        raise WeightsError(f"{name}: weight file {str(path)!r}: '{key}' is not a state dict")
+    return require_tensor_dict(checkpoint, name, path, f"a state dict under the key '{key}'")
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
@@ -163,11 +188,21 @@ def demo_seed(name: str) -> int:
     )
 
 
-def random_state_dict(model: nn.Module, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Seeded random weights shaped like `model.state_dict()`, built without running module init.
+# Demo weights: every layer passes its input on at unit gain, so that different tiles give
+# different embeddings (a blank tile or wrong coordinates then changes the output visibly).
+DEMO_LAYERSCALE = 1.0  # LayerScale's init value (1e-5) would make every block a no-op
+DEMO_EMBEDDING_STD = 0.02  # tokens and tables (cls, positions, relative-position bias): timm's init
+_FAN_IN_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
 
-    Normalisation layers get weight 1 / bias 0 (BatchNorm running stats 0 / 1), LayerScale its init
-    value, biases 0, everything else N(0, std): small enough that activations stay finite.
+
+def random_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random DEMO weights shaped like `model.state_dict()`, built without module init.
+
+    Linear and convolution weights are N(0, 1/fan_in) (unit gain, so activations neither vanish
+    nor explode through depth); LayerScale gammas DEMO_LAYERSCALE; normalisation layers weight 1 /
+    bias 0 (BatchNorm running stats 0 / 1); biases 0; every other tensor (class, register and
+    position tokens, bias tables) N(0, DEMO_EMBEDDING_STD). Not a trained model: outputs carry
+    the input's signal but are not results.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
@@ -179,11 +214,13 @@ def random_state_dict(model: nn.Module, seed: int, std: float = 0.02) -> dict[st
         if not dtype.is_floating_point:
             out[key] = torch.zeros(ref.shape, dtype=dtype)
         elif attr == "gamma" and hasattr(module, "init_values"):
-            out[key] = torch.full(ref.shape, float(module.init_values), dtype=dtype)
+            out[key] = torch.full(ref.shape, DEMO_LAYERSCALE, dtype=dtype)
         elif isinstance(module, norm_types) and attr in ("weight", "running_var"):
             out[key] = torch.ones(ref.shape, dtype=dtype)
         elif attr in ("bias", "running_mean"):
             out[key] = torch.zeros(ref.shape, dtype=dtype)
         else:
+            fan_in = ref[0].numel() if ref.ndim >= 2 else 1
+            std = fan_in**-0.5 if isinstance(module, _FAN_IN_MODULES) else DEMO_EMBEDDING_STD
             out[key] = torch.empty(ref.shape, dtype=dtype).normal_(0.0, std, generator=generator)
     return out
