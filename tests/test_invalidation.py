@@ -181,15 +181,28 @@ def test_adding_one_slide_plans_that_slide_and_its_batch(finished_demo):
     }
 
 
-def test_editing_one_stage_code_reruns_that_stage_and_below(finished_demo, tmp_path):
+EDITS = {
+    # a module of one stage's own: that stage and below
+    "attention.py": expected(batches=2, from_stage="attention_chief", thumbnails=2),
+    # the models package that every model stage imports (a hand list had missed it)
+    "models/__init__.py": expected(batches=2, from_stage="features_ctranspath", thumbnails=2),
+    # a module only the retrieval figure runs
+    "retrieval.py": {"evaluation_retrieval": 1},
+    # the demo generator is no stage's code
+    "demo/tiff.py": {},
+}
+
+
+@pytest.mark.parametrize("module", sorted(EDITS))
+def test_editing_a_module_reruns_the_stages_that_import_it_and_below(
+    finished_demo, tmp_path, module
+):
     copy = tmp_path / "repo"
     ignore = shutil.ignore_patterns(".venv", ".snakemake", "results", "resources", ".git", "logs")
     shutil.copytree(REPO, copy, ignore=ignore)  # copy2 keeps mtimes: only the edit differs
-    module = copy / "scripts" / "eagleflow" / "attention.py"
-    module.write_text(module.read_text() + "\n# an edit\n")
-    assert plan(finished_demo, snakefile=copy / "Snakefile") == expected(
-        batches=2, from_stage="attention_chief", thumbnails=2
-    )
+    path = copy / "scripts" / "eagleflow" / module
+    path.write_text(path.read_text() + "\n# an edit\n")
+    assert plan(finished_demo, snakefile=copy / "Snakefile") == EDITS[module]
 
 
 def test_adding_a_task_trains_only_that_task(finished_demo):
