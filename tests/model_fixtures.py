@@ -108,10 +108,14 @@ def swin054_buffer(key: str) -> torch.Tensor:
     return swin054_attn_mask(SWIN_GRID // 2**stage)
 
 
-def fabricate_state_dict(spec: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+def fabricate_state_dict(
+    spec: dict[str, Any], seed: int = 0, compact: bool = False
+) -> dict[str, torch.Tensor]:
     """Every key, shape and dtype of the JSON, with seeded values that keep activations finite.
 
     Swin buffers get their exact values (the loader drops them, but a real file has them).
+    compact=True: each tensor of two or more dims repeats one random row (a stride-0 view, saved
+    with its small storage), so a 4.5 GB checkpoint costs a few MB to write, read and load.
     """
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
@@ -122,15 +126,37 @@ def fabricate_state_dict(spec: dict[str, Any], seed: int = 0) -> dict[str, torch
         elif not dtype.is_floating_point:
             value = torch.zeros(shape, dtype=dtype)
         else:
-            value = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+            drawn = shape[-1:] if compact and len(shape) >= 2 else shape
+            value = torch.empty(drawn, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
             if key.endswith("running_var"):
                 value = 1.0 + value.abs()
             elif key.endswith(".weight") and len(shape) == 1:  # LayerNorm / BatchNorm scale
                 value = 1.0 + value
             value = value.to(dtype)
+        if value.shape != shape:  # compact: one row, repeated
+            value = value.expand(shape)
         if tuple(value.shape) != shape:
             raise AssertionError(f"{key}: built {tuple(value.shape)}, spec {shape}")
         out[key] = value
+    return out
+
+
+BAD_KEY_KINDS = ("renamed", "missing", "misshapen")
+
+
+def break_key(
+    state_dict: dict[str, torch.Tensor], key: str, kind: str, renamed: str, wrong: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A copy of `state_dict` with `key` renamed to `renamed`, missing, or replaced by `wrong`."""
+    out = dict(state_dict)
+    if kind == "renamed":
+        out[renamed] = out.pop(key)
+    elif kind == "missing":
+        del out[key]
+    elif kind == "misshapen":
+        out[key] = wrong
+    else:
+        raise ValueError(kind)
     return out
 
 
@@ -356,3 +382,36 @@ def longnet_reference_forward(
         x = x + lin(ln(h, f"{p}.ffn.ffn_layernorm"), f"{p}.ffn.fc2")
         pooled.append(pool(x))
     return [*pooled, pool(ln(x, "encoder.layer_norm"))]
+
+
+def pathoduet_reference_forward(
+    sd: dict[str, torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PathoDuet's VisionTransformerMoCo(pretext_token=True, global_pool='avg') from its keys.
+
+    [B, 3, 224, 224] in [0, 1] -> (embedding [B, 768], tokens [B, 198, 768]): tokens [pretext,
+    cls, patches] + pos_embed, 12 pre-LN blocks (eps 1e-6, exact GELU), no final norm, mean of the
+    196 patch tokens, fc_norm (eps 1e-6).
+    """
+    heads, eps = 12, 1e-6
+
+    def ln(t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(t, (t.shape[-1],), sd[f"{name}.weight"], sd[f"{name}.bias"], eps)
+
+    def lin(t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(t, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    batch = x.shape[0]
+    patches = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
+    t = patches.flatten(2).transpose(1, 2)
+    prefix = [sd["pretext_token"].expand(batch, -1, -1), sd["cls_token"].expand(batch, -1, -1)]
+    t = torch.cat([*prefix, t], dim=1) + sd["pos_embed"]
+    n, dim = t.shape[1:]
+    for i in range(12):
+        p = f"blocks.{i}"
+        qkv = lin(ln(t, f"{p}.norm1"), f"{p}.attn.qkv").view(batch, n, 3, heads, dim // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) * (dim // heads) ** -0.5, dim=-1)
+        t = t + lin((attention @ v).transpose(1, 2).reshape(batch, n, dim), f"{p}.attn.proj")
+        t = t + lin(F.gelu(lin(ln(t, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
+    return ln(t[:, 2:].mean(1), "fc_norm"), t

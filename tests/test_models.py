@@ -13,6 +13,8 @@ import pytest
 import timm
 import torch
 from model_fixtures import (
+    BAD_KEY_KINDS,
+    break_key,
     chief_reference,
     container_key,
     ctranspath054_forward,
@@ -286,17 +288,11 @@ def test_swin054_buffers_match_timm_constructor() -> None:
 # --- errors name the key, the model and the file ----------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["renamed", "missing", "misshapen"])
+@pytest.mark.parametrize("kind", BAD_KEY_KINDS)
 def test_chief_bad_key_is_named(kind: str, tmp_path: Path) -> None:
     spec = key_spec_or_skip("chief")
-    sd = fabricate_state_dict(spec)
     key = "attention_net.3.attention_c.weight"
-    if kind == "renamed":
-        sd["attention_net.3.attention_c.weights"] = sd.pop(key)
-    elif kind == "missing":
-        del sd[key]
-    else:
-        sd[key] = torch.zeros(2, 256)
+    sd = break_key(fabricate_state_dict(spec), key, kind, f"{key}s", torch.zeros(2, 256))
     path = tmp_path / f"chief_{kind}.pth"
     torch.save(sd, path)
     with pytest.raises(WeightsError) as err:
@@ -309,17 +305,12 @@ def test_chief_bad_key_is_named(kind: str, tmp_path: Path) -> None:
         assert "(2, 256)" in message and "(1, 256)" in message
 
 
-@pytest.mark.parametrize("kind", ["renamed", "missing", "misshapen"])
+@pytest.mark.parametrize("kind", BAD_KEY_KINDS)
 def test_ctranspath_bad_key_is_named_as_in_the_file(kind: str, tmp_path: Path) -> None:
     spec = key_spec_or_skip("ctranspath")
-    sd = fabricate_state_dict(spec)
     key = "layers.0.downsample.reduction.weight"  # renamed by the layout conversion
-    if kind == "renamed":
-        sd["layers.0.downsample.reduce.weight"] = sd.pop(key)
-    elif kind == "missing":
-        del sd[key]
-    else:
-        sd[key] = torch.zeros(192, 385)
+    renamed, wrong = "layers.0.downsample.reduce.weight", torch.zeros(192, 385)
+    sd = break_key(fabricate_state_dict(spec), key, kind, renamed, wrong)
     path = tmp_path / f"ctranspath_{kind}.pth"
     torch.save(wrap(spec, sd), path)
     with pytest.raises(WeightsError) as err:

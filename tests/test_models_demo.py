@@ -17,6 +17,9 @@ from test_features import run_stages  # the stage chain of the feature tests, re
 from eagleflow.demo import DemoCohort, make_demo_cohort
 from eagleflow.features import TileGeometry, iter_tile_batches
 from eagleflow.h5io import read_h5
+from eagleflow.models import load_model, preprocess_tiles
+from eagleflow.models.gigapath_tile import build_gigapath_tile
+from eagleflow.models.registry import demo_seed, random_state_dict
 from eagleflow.tiling import TilingParams, run_tiling
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -106,3 +109,41 @@ def demo_tiles(stage_outputs: list[dict], per_slide: int = 2) -> torch.Tensor:
     geometries = [TileGeometry.from_tiles_file(s["tiles"], s["slide_path"]) for s in stage_outputs]
     subsets = [g.subset(np.arange(min(per_slide, len(g.coords)))) for g in geometries]
     return torch.cat([batch for _, _, batch in iter_tile_batches(subsets, 16, 0)])
+
+
+@pytest.mark.parametrize("name", ["pathoduet_he", "pathoduet_ihc"])
+def test_demo_pathoduet_embeddings_differ_between_tiles(stage_outputs: list[dict], name) -> None:
+    tiles = demo_tiles(stage_outputs)
+    model = load_model(name, "demo")
+    with torch.inference_mode():
+        embeddings = model(preprocess_tiles(name, tiles)).numpy()
+    assert embeddings.shape == (len(tiles), 768)
+    assert relative_spread(embeddings) > MIN_RELATIVE_SPREAD
+
+
+def test_demo_gigapath_tile_embeddings_differ_between_tiles(stage_outputs: list[dict]) -> None:
+    """The demo scheme on a 4-block twin (the 40-block model costs ~20 s per tile on 2 cores)."""
+    twin = build_gigapath_tile("meta", depth=4)
+    twin.load_state_dict(random_state_dict(twin, demo_seed("gigapath_tile")), assign=True)
+    twin.eval()
+    tiles = demo_tiles(stage_outputs, per_slide=1)
+    with torch.inference_mode():
+        embeddings = twin(preprocess_tiles("gigapath_tile", tiles)).numpy()
+    assert relative_spread(embeddings) > MIN_RELATIVE_SPREAD
+
+
+def test_demo_gigapath_slide_embeddings_follow_tiles_and_coordinates() -> None:
+    model = load_model("gigapath_slide", "demo")
+    gen = torch.Generator().manual_seed(0)
+    slides = []
+    for n in (30, 45, 60, 80):
+        columns = 9
+        coords = torch.stack([torch.arange(n) % columns, torch.arange(n) // columns], 1) * 256
+        slides.append((torch.randn(n, 1536, generator=gen), coords))
+    with torch.inference_mode():
+        embeddings = torch.stack([model(x, c, 256) for x, c in slides]).numpy()
+        x, coords = slides[0]
+        moved = model(x, coords.flip(1), 256).numpy()  # the same tiles, x and y exchanged
+    assert relative_spread(embeddings) > MIN_RELATIVE_SPREAD
+    # wrong coordinates change the embedding visibly
+    assert relative_spread(np.stack([embeddings[0], moved])) > MIN_RELATIVE_SPREAD / 5

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from model_fixtures import (
+    BAD_KEY_KINDS,
+    break_key,
     fabricate_state_dict,
     independent_dilated_attention,
     key_spec_or_skip,
@@ -81,16 +83,11 @@ def test_checkpoint_loads_exactly(spec: dict, file_sd: dict, tmp_path: Path) -> 
     assert gs.DILATED_RATIOS == (1, 2, 4, 8, 16)
 
 
-@pytest.mark.parametrize("kind", ["renamed", "missing", "misshapen"])
+@pytest.mark.parametrize("kind", BAD_KEY_KINDS)
 def test_bad_key_is_named(kind: str, spec: dict, file_sd: dict, tmp_path: Path) -> None:
-    sd = dict(file_sd)
     key = "encoder.layers.3.self_attn.inner_attn_ln.weight"
-    if kind == "renamed":
-        sd["encoder.layers.3.self_attn.inner_attn_norm.weight"] = sd.pop(key)
-    elif kind == "missing":
-        del sd[key]
-    else:
-        sd[key] = torch.ones(384)
+    renamed = key.replace("inner_attn_ln", "inner_attn_norm")
+    sd = break_key(file_sd, key, kind, renamed, torch.ones(384))
     path = save_checkpoint(spec, sd, tmp_path / f"slide_{kind}.pth")
     with pytest.raises(WeightsError) as err:
         load_model("gigapath_slide", path, verify_sha256=False)
