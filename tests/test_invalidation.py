@@ -228,12 +228,11 @@ def copy_project(finished_demo: Path, to: Path) -> Path:
 
 
 def output_stamps(workdir: Path, *folders: str) -> dict[str, tuple[int, bytes]]:
-    """Relative path -> (mtime, bytes) of every file under `folders`."""
+    """Relative path -> (mtime, bytes) of every per-slide file (*.h5) under `folders`."""
     return {
         str(path.relative_to(workdir)): (path.stat().st_mtime_ns, path.read_bytes())
         for folder in folders
-        for path in sorted((workdir / folder).rglob("*"))
-        if path.is_file()
+        for path in sorted((workdir / folder).rglob("*.h5"))
     }
 
 
@@ -256,10 +255,14 @@ def test_a_moved_slide_folder_recomputes_no_tiles_and_no_features(finished_demo,
     sheet.write_text(sheet.read_text().replace(",slides/", f",{archive}/"))
     assert str(archive) in sheet.read_text()
     before = output_stamps(work, "results/tiles", "results/features")
+    manifests = sorted((work / "results" / "features").rglob("batches/*.tsv"))
+    listed = [manifest.read_bytes() for manifest in manifests]
     counts = plan(work)
     assert "tiling_tile_slide" not in counts
     run([*SNAKEMAKE, "--cores", "2", "--directory", str(work), *FAST], cwd=work)
     assert output_stamps(work, "results/tiles", "results/features") == before
+    # the batch jobs ran (their params hold the paths) and rewrote the same manifests
+    assert [manifest.read_bytes() for manifest in manifests] == listed
     assert plan(work) == {}
 
 

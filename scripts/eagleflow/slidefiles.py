@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from stat import S_ISDIR
 
 
 def dicom_instance(folder: str | os.PathLike[str]) -> Path | None:
@@ -39,8 +40,8 @@ def slide_fingerprint(path: str | os.PathLike[str]) -> str:
     (the job then fails and names the path).
     """
     try:
-        if not os.path.isdir(path):
-            stat = os.stat(path)
+        stat = os.stat(path)  # one system call for a slide file, the common case
+        if not S_ISDIR(stat.st_mode):
             return f"{stat.st_size}-{int(stat.st_mtime)}"
         digest = hashlib.sha256()
         with os.scandir(path) as entries:
