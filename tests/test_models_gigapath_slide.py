@@ -276,3 +276,17 @@ def test_bad_inputs_are_rejected(file_sd: dict) -> None:
         model(torch.zeros(0, 1536), torch.zeros(0, 2), TILE)
     with pytest.raises(ValueError, match="tile_size must be positive"):
         model(torch.zeros(1, 1536), torch.zeros(1, 2), 0)
+
+
+def test_bf16_autocast_stays_within_the_stated_tolerance() -> None:
+    """bf16 autocast (CPU here; CUDA uses the same code with its fused kernel) vs fp32."""
+    model = load_model("gigapath_slide", "demo")
+    gen = torch.Generator().manual_seed(5)
+    x, coords = torch.randn(300, 1536, generator=gen), grid_coords(300, 17)
+    with torch.inference_mode():
+        full = model.encode(x, coords, TILE).layers
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model.encode(x, coords, TILE).layers.float()
+    assert (half - full).abs().max() < gs.BF16_TOLERANCE
+    assert torch.nn.functional.cosine_similarity(half, full, dim=1).min() > 0.9999
+    assert (half - full).abs().max() > 0  # it did run in bf16
