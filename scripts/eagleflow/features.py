@@ -105,7 +105,7 @@ def iter_tile_batches(
     across slide boundaries; a batch may hold the end of one slide and the start of the next.
     """
     readers = (geometry.reader() for geometry in slides)
-    tiles = iter_slide_tiles(readers, max(1, num_workers))
+    tiles = iter_slide_tiles(readers, num_workers)
     while True:
         chunk = list(itertools.islice(tiles, batch_size))
         if not chunk:

@@ -26,6 +26,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -356,8 +357,11 @@ class SlideTileReader:
 def ordered_map(
     jobs: Iterable[Callable[[], T]], threads: int, lookahead: int | None = None
 ) -> Iterator[T]:
-    """Run `jobs` on `threads` threads, yield their results in order, `lookahead` in flight."""
-    if threads <= 1:
+    """Run `jobs` on `threads` threads (0: in the caller's), yield results in order, `lookahead` in flight.
+
+    One thread already overlaps reading with the consumer's work (the model, the Canny test).
+    """
+    if threads <= 0:
         for job in jobs:
             yield job()
         return
@@ -377,32 +381,23 @@ def ordered_map(
 
 
 def iter_slide_tiles(
-    readers: Iterable[SlideTileReader],
-    threads: int,
-    transform: Callable[[np.ndarray], Any] | None = None,
-) -> Iterator[tuple[int, int, Any]]:
-    """(slide index, tile index, tile or transform(tile)) for every tile of every reader, in order.
+    readers: Iterable[SlideTileReader], threads: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(slide index, tile index, tile) for every tile of every reader, in order.
 
     One thread pool serves all slides, so the next slide is read while the last tiles of the
-    previous one are consumed; `transform` runs in the reader threads (e.g. the Canny test).
+    previous one are consumed (no worker start-up per slide).
     """
 
-    def jobs() -> Iterator[Callable[[], tuple[int, int, Any]]]:
+    def jobs() -> Iterator[Callable[[], tuple[int, int, np.ndarray]]]:
         for slide_index, reader in enumerate(readers):
             for tile_index in range(len(reader)):
-                yield _job(reader, slide_index, tile_index, transform)
+                yield partial(_read, reader, slide_index, tile_index)
 
     yield from ordered_map(jobs(), threads)
 
 
-def _job(
-    reader: SlideTileReader,
-    slide_index: int,
-    tile_index: int,
-    transform: Callable[[np.ndarray], Any] | None,
-) -> Callable[[], tuple[int, int, Any]]:
-    def run() -> tuple[int, int, Any]:
-        tile = reader.tile(tile_index)
-        return slide_index, tile_index, tile if transform is None else transform(tile)
-
-    return run
+def _read(
+    reader: SlideTileReader, slide_index: int, tile_index: int
+) -> tuple[int, int, np.ndarray]:
+    return slide_index, tile_index, reader.tile(tile_index)

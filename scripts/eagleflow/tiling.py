@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -144,14 +142,13 @@ def iter_tiles(
     size_level0: int,
     tile_px: int,
     threads: int = 1,
-    transform: Callable[[np.ndarray], Any] | None = None,
-) -> Iterator[Any]:
-    """Yield RGB tiles (or `transform(tile)`, computed in the reader threads) for `coords` in order."""
+) -> Iterator[np.ndarray]:
+    """Yield RGB tiles for `coords` in order, read by `threads` threads ahead of the consumer."""
     reader = SlideTileReader(
         path, slide_id, coords, size_level0, level, info.level_downsamples[level], tile_px
     )
-    for _, _, item in iter_slide_tiles([reader], threads, transform):
-        yield item
+    for _, _, tile in iter_slide_tiles([reader], threads):
+        yield tile
 
 
 def _unreadable(label: str, where: str, err: Exception) -> SlideError:
@@ -202,17 +199,14 @@ def tile_slide(
         )
     level = best_level(info, params.tile_mpp)
     edges = np.empty(len(candidates), dtype=np.float32)
-    # the Canny test runs in the reader threads, next to the decode of its tile
-    canny = partial(edge_fraction, low=params.canny_low, high=params.canny_high)
-    fractions_iter = iter_tiles(
-        path, slide_id, info, candidates, level, size, params.tile_px, threads, canny
-    )
+    # the Canny test runs here, alongside the reader threads (cv2 releases the GIL)
+    tiles = iter_tiles(path, slide_id, info, candidates, level, size, params.tile_px, threads)
     done = 0
     try:
-        for fraction in tqdm(
-            fractions_iter, total=len(candidates), desc=f"edges {slide_id}", disable=not progress
+        for tile in tqdm(
+            tiles, total=len(candidates), desc=f"edges {slide_id}", disable=not progress
         ):
-            edges[done] = fraction
+            edges[done] = edge_fraction(tile, params.canny_low, params.canny_high)
             done += 1
     except openslide.OpenSlideError as err:
         x, y = candidates[done]

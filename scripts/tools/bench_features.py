@@ -552,19 +552,17 @@ def main() -> None:
 
         def ours_tiling() -> None:
             for t, coords in zip(tables, all_candidates, strict=True):
-                list(
-                    iter_tiles(
-                        t.info.path,
-                        t.slide_id,
-                        t.info,
-                        coords,
-                        t.read_level,
-                        t.tile_size_level0,
-                        TILE_PX,
-                        threads,
-                        canny,
-                    )
+                tiles = iter_tiles(
+                    t.info.path,
+                    t.slide_id,
+                    t.info,
+                    coords,
+                    t.read_level,
+                    t.tile_size_level0,
+                    TILE_PX,
+                    threads,
                 )
+                [canny(tile) for tile in tiles]  # as tile_slide does: in this thread
 
         def ours_model() -> None:
             for _ in iter_tile_batches(geometries, args.batch_size, threads):
