@@ -46,8 +46,9 @@ from eagleflow.models import (
 )
 from eagleflow.models import ctranspath as ctp
 from eagleflow.models import virchow2 as v2
+from eagleflow.models.checkpoints import demo_seed, random_state_dict
 from eagleflow.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from eagleflow.models.registry import REGISTRY, demo_seed, random_state_dict
+from eagleflow.weights import REGISTRY
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

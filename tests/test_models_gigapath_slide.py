@@ -23,7 +23,7 @@ from model_fixtures import (
 
 from eagleflow.models import WeightsError, load_model, sha256_file
 from eagleflow.models import gigapath_slide as gs
-from eagleflow.models.registry import load_state_dict_exact
+from eagleflow.models.checkpoints import load_state_dict_exact
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

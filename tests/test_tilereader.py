@@ -46,7 +46,9 @@ def assert_same(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
         assert np.array_equal(a, b), f"tile {index} differs"
 
 
-@pytest.mark.parametrize(("tile_mpp", "threads"), [(2.0, 2), (2.0, 1), (2.0, 0), (0.5, 2), (4.0, 2)])
+@pytest.mark.parametrize(
+    ("tile_mpp", "threads"), [(2.0, 2), (2.0, 1), (2.0, 0), (0.5, 2), (4.0, 2)]
+)
 def test_jpeg_path_equals_read_tile_inside_and_beyond_the_edges(make_slide, tile_mpp, threads):
     path = make_slide(width=3000, height=2200, mpp=0.5)  # edge JPEG tiles are partly outside
     coords, size, level, ds = grid_coords(path, tile_mpp)

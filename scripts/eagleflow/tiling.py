@@ -294,7 +294,9 @@ def run_tiling(
     table = tile_slide(slide_path, slide_id, tiling_params, sheet_mpp, threads=threads)
     if table.info.mpp_warning:
         log.warning("%s: %s", slide_id, table.info.mpp_warning)
-    provenance = provenance_attrs("tiling_tile_slide", {**tiling_params.as_dict(), "sheet_mpp": sheet_mpp})
+    provenance = provenance_attrs(
+        "tiling_tile_slide", {**tiling_params.as_dict(), "sheet_mpp": sheet_mpp}
+    )
     write_qc_png(table, qc_png)
     try:
         write_tiles(tiles_h5, table, provenance)

@@ -40,7 +40,7 @@ from eagleflow.models import (  # noqa: E402
     load_model,
     sha256_file,
 )
-from eagleflow.models.registry import demo_seed, random_state_dict  # noqa: E402
+from eagleflow.models.checkpoints import demo_seed, random_state_dict  # noqa: E402
 
 TILE = 256
 

@@ -20,27 +20,29 @@ import torch
 from torch import nn
 
 from eagleflow.models import chief, ctranspath, gigapath_slide, gigapath_tile, pathoduet, virchow2
+from eagleflow.models.checkpoints import (
+    demo_seed,
+    load_state_dict_exact,
+    random_state_dict,
+    read_checkpoint,
+)
 from eagleflow.models.chief import Chief, ChiefOutput
 from eagleflow.models.gigapath_slide import GigaPathSlideEncoder, SlideEncoderOutput
 from eagleflow.models.gigapath_tile import GigaPathTile
 from eagleflow.models.pathoduet import PathoDuet
 from eagleflow.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_tiles
-from eagleflow.models.registry import (
+from eagleflow.models.virchow2 import Virchow2, cls_mean_embedding
+from eagleflow.weights import (
     DEMO,
     MODEL_NAMES,
     REGISTRY,
     WeightsError,
     WeightsInfo,
     check_weights_config,
-    demo_seed,
-    load_state_dict_exact,
-    random_state_dict,
-    read_checkpoint,
     resolve_weights,
     sha256_file,
     weights_attrs,
 )
-from eagleflow.models.virchow2 import Virchow2, cls_mean_embedding
 
 __all__ = [
     "DEMO",

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from eagleflow.models.registry import random_state_dict, require_tensor_dict
+from eagleflow.models.checkpoints import random_state_dict, require_tensor_dict
 
 IN_DIM = 768
 HIDDEN_DIM = 512
@@ -108,7 +108,7 @@ def build_chief(device: torch.device | str | None = None) -> Chief:
 
 
 def demo_state_dict(model: Chief, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded DEMO weights (registry.random_state_dict) with the scorer scaled by DEMO_SCORER_GAIN."""
+    """Seeded DEMO weights (checkpoints.random_state_dict) with the scorer scaled by DEMO_SCORER_GAIN."""
     state_dict = random_state_dict(model, seed)
     state_dict["attention_net.3.attention_c.weight"] *= DEMO_SCORER_GAIN
     return state_dict

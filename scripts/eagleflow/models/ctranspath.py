@@ -16,7 +16,7 @@ from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from eagleflow.models.registry import unwrap_state_dict
+from eagleflow.models.checkpoints import unwrap_state_dict
 
 EMBED_DIM = 768
 INPUT_SIZE = 224

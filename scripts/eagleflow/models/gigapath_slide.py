@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagleflow.models.registry import unwrap_state_dict
+from eagleflow.models.checkpoints import unwrap_state_dict
 
 IN_DIM = 1536
 EMBED_DIM = 768

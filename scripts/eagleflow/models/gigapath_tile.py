@@ -18,7 +18,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from eagleflow.models.registry import require_tensor_dict
+from eagleflow.models.checkpoints import require_tensor_dict
 
 TIMM_ARCH = "vit_giant_patch14_dinov2"
 # The entrypoint's own arguments (what timm.create_model adds to the hub's kwargs) ...

@@ -19,7 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from eagleflow.models.registry import require_tensor_dict
+from eagleflow.models.checkpoints import require_tensor_dict
 
 EMBED_DIM = 768
 NUM_PREFIX_TOKENS = 2  # pretext, cls

@@ -16,7 +16,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from eagleflow.models.registry import require_tensor_dict
+from eagleflow.models.checkpoints import require_tensor_dict
 
 TIMM_ARCH = "vit_huge_patch14_224"
 ARCH_KWARGS: dict[str, Any] = {"patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16}

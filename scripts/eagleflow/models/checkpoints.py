@@ -1,4 +1,5 @@
-"""Where each model's weights come from, how to check them, and how to read them safely.
+"""Checkpoints: read a weight file safely, load it exactly (strict, keys and shapes named), and
+build seeded demo weights. The registry of published files is `eagleflow.weights`.
 
 Everything here is model-agnostic: the architectures live in their own modules and import this one,
 never the other way round.
@@ -18,20 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eagleflow.weights import (  # noqa: F401  (re-exported: the registry's public names)
-    DEMO,
-    KNOWN_OTHER_FILES,
-    MODEL_NAMES,
-    REGISTRY,
-    PublishedWeights,
-    WeightsError,
-    WeightsInfo,
-    check_weights_config,
-    published,
-    resolve_weights,
-    sha256_file,
-    weights_attrs,
-)
+from eagleflow.weights import REGISTRY, WeightsError
 
 log = logging.getLogger(__name__)
 
