@@ -122,9 +122,9 @@ def absolute_slide_path(sheet_dir: str, value: str) -> str:
 
 def under_folder(path: str, folder: str | None) -> str:
     """`path` relative to `folder` when it lies inside it, else unchanged (both absolute)."""
-    if folder is None or not path.startswith(folder.rstrip(os.sep) + os.sep):
+    if folder is None or path == folder or not Path(path).is_relative_to(folder):
         return path
-    return path[len(folder.rstrip(os.sep)) + 1 :]
+    return Path(path).relative_to(folder).as_posix()
 
 
 def _path_problem(value: str, slide_path: str) -> str:
