@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from eagleflow.encoders import DEFAULT_STAIN, STAINS
 from eagleflow.errors import EagleflowError
 from eagleflow.mpp import DEFAULT_MPP_RANGE, outside_range
 
@@ -26,8 +27,10 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _ID_RE = re.compile(ID_PATTERN)
 
 SLIDE_REQUIRED = ("PATIENT", "SLIDE", "PATH")
-SLIDE_OPTIONAL = ("MPP", "COHORT")
+SLIDE_OPTIONAL = ("MPP", "COHORT", "STAIN")
 DEFAULT_COHORT = "default"
+# Spellings seen in lab exports ("H&E", "H-E", "he"): case, blanks and these marks are ignored.
+_STAIN_MARKS = re.compile(r"[\s&+/_-]")
 
 
 class SheetError(EagleflowError, ValueError):
@@ -108,6 +111,39 @@ def _raise(what: str, path: Path, problems: list[str]) -> None:
         raise SheetError(f"{what} {path} has {len(problems)} problem(s):\n  - {shown}{more}")
 
 
+def normalise_stain(value: str) -> str | None:
+    """The STAINS name a STAIN cell means ('' -> DEFAULT_STAIN), or None if it is none of them."""
+    key = _STAIN_MARKS.sub("", value).upper()
+    if key == "":
+        return DEFAULT_STAIN
+    return key if key in STAINS else None
+
+
+def sheet_stains(slides: pd.DataFrame) -> list[str]:
+    """Stains of `read_slide_sheet`'s frame in STAINS order (a frame without STAIN is all HE)."""
+    present = set(slides["STAIN"]) if "STAIN" in slides.columns else {DEFAULT_STAIN}
+    return [stain for stain in STAINS if stain in present]
+
+
+def _check_stains(table: pd.DataFrame, problems: list[str]) -> None:
+    """Replace STAIN cells by their STAINS name; name each cell that is no known stain."""
+    if "STAIN" not in table.columns:
+        table["STAIN"] = DEFAULT_STAIN
+        return
+    normalised = []
+    for index, value in table["STAIN"].items():
+        stain = normalise_stain(value)
+        if stain is None:
+            slide = table.at[index, "SLIDE"]
+            problems.append(
+                f"line {_line(index)}, column STAIN: {value!r} (slide {slide!r}) "
+                f"is not a known stain; allowed are {list(STAINS)} in any case ('H&E' and 'H-E' "
+                f"mean HE), or empty for {DEFAULT_STAIN}. Fix the cell or leave it empty."
+            )
+        normalised.append(stain or value)
+    table["STAIN"] = normalised
+
+
 def absolute_slide_path(sheet_dir: str, value: str) -> str:
     """`value` made absolute against the sheet's folder; a linked slide keeps its own name.
 
@@ -158,6 +194,8 @@ def read_slide_sheet(
 ) -> pd.DataFrame:
     """Validated slide sheet indexed by SLIDE, with PATH resolved and MPP as float (NaN if absent).
 
+    STAIN is always there, one of STAINS (DEFAULT_STAIN where the column or the cell is empty).
+
     PATH may be absolute or relative to the sheet's own directory, and may name a DICOM WSI
     folder. Resolved paths are absolute, except those inside `relative_to` (the workflow's working
     directory), which stay relative to it: a project moved as a whole keeps the same paths.
@@ -200,6 +238,7 @@ def read_slide_sheet(
         table["COHORT"] = DEFAULT_COHORT
     table.loc[table["COHORT"] == "", "COHORT"] = DEFAULT_COHORT
     _check_ids(table, "COHORT", what, path, problems)
+    _check_stains(table, problems)
     mpp = [math.nan] * len(table)
     if "MPP" in table.columns:
         for position, (index, value) in enumerate(table["MPP"].items()):

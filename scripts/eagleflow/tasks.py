@@ -4,6 +4,8 @@ Validated at planning time, so a sheet or config mistake stops the run before an
 Labels are text, as the clinical table stores them ('' = missing): "1" and "1.0" would be two
 classes, so `validate_tasks` rejects labels of one column that are the same number written
 differently. Classes are sorted numerically when every label of a task is a number, else as text.
+A task with a `stain` uses only the patients with a slide of that stain, and their embeddings
+built from those slides alone (table `TaskSpec.embeddings_table`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any
 
 import pandas as pd
 
+from eagleflow.encoders import DEFAULT_STAIN, STAINS
 from eagleflow.errors import EagleflowError
 from eagleflow.h5io import (
     EMBEDDING_NAMES,
 )
-from eagleflow.sheets import ID_PATTERN
+from eagleflow.sheets import ID_PATTERN, normalise_stain
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class TaskSpec:
     train_cohorts: tuple[str, ...]
     external_cohorts: tuple[str, ...]
     embeddings: tuple[str, ...]
+    stain: str | None = None
     class_counts: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
@@ -54,10 +58,21 @@ class TaskSpec:
     def positive_index(self) -> int | None:
         return self.classes.index(self.positive_class) if self.positive_class else None
 
+    @property
+    def embeddings_table(self) -> str:
+        """Stem of the patient embeddings file the task reads: 'patients' or 'patients_<stain>'."""
+        return "patients" if self.stain is None else f"patients_{self.stain}"
+
     def params(self) -> dict[str, Any]:
-        """Plain data for Snakemake's `params:` (a change reruns the task's jobs)."""
+        """Plain data for Snakemake's `params:` (a change reruns the task's jobs).
+
+        `stain` is left out while unset, so tasks written before it existed keep their params
+        (and their results); setting it changes them.
+        """
         data = asdict(self)
         data.pop("class_counts")
+        if data["stain"] is None:
+            data.pop("stain")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     @classmethod
@@ -70,6 +85,7 @@ class TaskSpec:
             train_cohorts=tuple(params["train_cohorts"]),
             external_cohorts=tuple(params.get("external_cohorts") or ()),
             embeddings=tuple(params["embeddings"]),
+            stain=params.get("stain"),
         )
 
 
@@ -107,11 +123,18 @@ def validate_tasks(
 ) -> dict[str, TaskSpec]:
     """Check every task against the sheets; return name -> TaskSpec, or raise listing all problems.
 
-    `clinical` is `read_clinical_table`'s frame, `slides` `read_slide_sheet`'s (PATIENT, COHORT).
-    A patient belongs to the cohort of its slides; patients without slides are in no cohort.
+    `clinical` is `read_clinical_table`'s frame, `slides` `read_slide_sheet`'s (PATIENT, COHORT
+    and STAIN; a frame without STAIN is all DEFAULT_STAIN). A patient belongs to the cohort of its
+    slides; patients without slides are in no cohort. A task with a `stain` sees only the slides
+    of that stain, so patients without one are in none of its cohorts.
     """
     problems: list[str] = []
     specs: dict[str, TaskSpec] = {}
+    slide_stain = (
+        slides["STAIN"]
+        if "STAIN" in slides.columns
+        else pd.Series(DEFAULT_STAIN, index=slides.index)
+    )
     cohort_of = slides.groupby("PATIENT")["COHORT"].first()
     cohorts = sorted(set(slides["COHORT"]))
     needed = min_patients_per_class(folds)
@@ -126,7 +149,15 @@ def validate_tasks(
         train = list(cfg.get("train_cohorts") or [])
         external = list(cfg.get("external_cohorts") or [])
         embeddings = list(cfg.get("embeddings") or EMBEDDING_NAMES)
+        stain = cfg.get("stain")
         before = len(problems)
+        if stain is not None:
+            stain = normalise_stain(str(stain)) if str(stain).strip() else None
+            if stain is None:
+                problems.append(
+                    f"{where}: stain {cfg['stain']!r} is not one of {list(STAINS)}; set "
+                    f"tasks.{name}.stain to one of them, or remove it to use every slide."
+                )
         if label == "PATIENT" or label not in clinical.columns:
             columns = [c for c in clinical.columns if c != "PATIENT"]
             problems.append(
@@ -155,8 +186,26 @@ def validate_tasks(
             problems.append(f"{where}: embeddings {embeddings} lists one twice")
         if len(problems) > before:
             continue
+        task_cohort_of = cohort_of
+        scope = ""  # what the messages below add about the patients a stain leaves
+        if stain is not None:
+            stained = slides[slide_stain == stain]
+            task_cohort_of = stained.groupby("PATIENT")["COHORT"].first()
+            scope = f" with {stain} slides"
+            present = sorted(set(slide_stain))
+            for kind, names in (("train", train), ("external", external)):
+                for cohort in names:
+                    if not (stained["COHORT"] == cohort).any():
+                        problems.append(
+                            f"{where}: no patient of {kind} cohort {cohort!r} has a slide with "
+                            f"STAIN {stain} in the slide sheet (stains there: {present}). Add "
+                            f"{stain} slides, drop the cohort from tasks.{name}.{kind}_cohorts, "
+                            f"or change tasks.{name}.stain."
+                        )
+            if len(problems) > before:
+                continue
         labels = clinical[label].astype(str)
-        patient_cohort = clinical["PATIENT"].map(cohort_of)
+        patient_cohort = clinical["PATIENT"].map(task_cohort_of)
         in_train = patient_cohort.isin(train) & (labels != "")
         train_labels = labels[in_train]
         classes = sort_classes(list(train_labels))
@@ -182,15 +231,15 @@ def validate_tasks(
             )
         if len(classes) == 0:
             problems.append(
-                f"{where}: no patient of the train cohorts {train} has a {label!r} label in "
-                f"{clinical_path}; fill in the column or fix the cohorts."
+                f"{where}: no patient{scope} of the train cohorts {train} has a {label!r} label "
+                f"in {clinical_path}; fill in the column or fix the cohorts."
             )
             continue
         if len(classes) == 1:
             problems.append(
                 f"{where}: column {label!r} has a single class ({classes[0]!r}) among the "
-                f"{len(train_labels)} labelled patients of cohorts {train}; a classifier needs two "
-                "or more. Check the column and the cohorts."
+                f"{len(train_labels)} labelled patients{scope} of cohorts {train}; a classifier "
+                f"needs two or more. Check the column and the cohorts{scope and ' (or the stain)'}."
             )
             continue
         counts = train_labels.value_counts()
@@ -204,8 +253,8 @@ def validate_tasks(
                     f"fold (needs {needed})"
                 )
                 problems.append(
-                    f"{where}: class {cls!r} of column {label!r} has {count} patient(s) in the "
-                    f"train cohorts {train}, {why}. Lower heads.mlp.folds or drop the class "
+                    f"{where}: class {cls!r} of column {label!r} has {count} patient(s){scope} "
+                    f"in the train cohorts {train}, {why}. Lower heads.mlp.folds or drop the class "
                     f"(blank its labels in {clinical_path})."
                 )
         if external:
@@ -240,6 +289,7 @@ def validate_tasks(
             train_cohorts=tuple(train),
             external_cohorts=tuple(external),
             embeddings=tuple(embeddings),
+            stain=stain,
             class_counts={c: int(counts.get(c, 0)) for c in classes},
         )
     if problems:
