@@ -1,4 +1,5 @@
-"""Rule evaluation_summary: every task's tables in one, DeLong p-values adjusted together."""
+"""Rule evaluation_summary: every task's tables in one, DeLong p-values adjusted together, and the
+comparison of slide representations (metrics, DeLong vs eagle, compute per slide)."""
 
 from eagleflow.logutil import run_rule
 from eagleflow.summary import summarize_run
@@ -14,4 +15,6 @@ run_rule(
     fewshot_csv=snakemake.output.fewshot,
     delong_csv=snakemake.output.delong,
     html_path=snakemake.output.html,
+    compute_csv=snakemake.input.compute,
+    comparison_csv=snakemake.output.comparison,
 )
