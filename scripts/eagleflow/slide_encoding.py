@@ -1,0 +1,389 @@
+"""Prov-GigaPath's LongNet slide encoder over a bag of tiles: one slide, or all slides of a patient.
+
+The model places every tile by its cell in a 1000 x 1000 grid (cell = floor(coord / tile size),
+the sin-cos position of that absolute cell): the embedding is not invariant to translation. So
+each slide is measured in tiles (level-0 coords / that slide's level-0 tile size: slides scanned
+at different µm/px share one frame when their tiles cover the same µm) and moved to the origin
+of its own bounding box; a patient's slides are then put side by side on one canvas, left to
+right with a gap of one empty cell, on shelves 1000 cells wide (a shelf starts below the tallest
+slide of the one above, after the same gap). No two tiles share a cell, and a bag that does not
+fit the 1000 x 1000 grid is refused (the reference would alias rows >= 1000 silently).
+
+Tokens go slide by slide (slides sorted by id), each slide row-major (y, then x), as STAMP's
+patient encoder concatenates slides; a canvas-wide row-major order would interleave the rows of
+slides on one shelf, so the dense 1024-token segments would mix slides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from eagleflow.batches import digest, is_up_to_date, stage_params_sha256, write_manifest
+from eagleflow.errors import EagleflowError
+from eagleflow.h5io import FormatError, write_h5
+from eagleflow.model_stage import configure_torch, resolve_device
+from eagleflow.models import gigapath_slide as gs
+from eagleflow.provenance import provenance_attrs
+from eagleflow.weights import resolve_configured
+
+log = logging.getLogger(__name__)
+
+STAGE = "slide_encoder_gigapath"
+MODEL = "gigapath_slide"
+TILE_MODEL = "gigapath_tile"
+BAG_FEATURES_FORMAT = "eagleflow.features/2"
+SLIDE_EMBEDDING_FORMAT = "eagleflow.slide_embedding/1"
+SLIDE_EMBEDDING_SHAPES: dict[str, tuple[int | str | None, ...]] = {
+    "embedding": (768,),
+    "positions": ("L", 2),
+}
+TILE_DIM = 1536
+GRID_LIMIT = gs.GRID  # slide_ngrids: the model has positions for cells 0..999 on each axis
+SLIDE_GAP = 1  # empty cells between two slides of a bag (and between shelves)
+# The model's own convention: cell = floor(coord / tile_size); with this tile size the canvas
+# cells go in as coords = cell * MODEL_TILE_SIZE.
+MODEL_TILE_SIZE = 256
+N_LAYERS = gs.DEPTH + 1  # pooled outputs: the input embedding and each of the 12 layers
+LEVELS = ("patient", "slide")
+LAYOUT = (
+    f"slides side by side in tile units (level-0 coords / the slide's level-0 tile size), "
+    f"each moved to its own origin, in slide_order, gap {SLIDE_GAP} tile, shelves of "
+    f"{GRID_LIMIT} cells"
+)
+TOKEN_ORDER = "slide by slide in slide_order, row-major (y, then x) within a slide"
+TILE_WEIGHT_ATTRS = (f"{TILE_MODEL}_weights_demo", f"{TILE_MODEL}_weights_sha256")
+
+
+class SlideLayoutError(EagleflowError, ValueError):
+    """A bag's tiles cannot be placed on the slide encoder's grid."""
+
+
+@dataclass(frozen=True)
+class BagSlide:
+    """One slide's Prov-GigaPath tile features, as the slide encoder needs them."""
+
+    feats: np.ndarray | None  # (N, 1536) float32; None when read without data
+    coords_level0: np.ndarray | None  # (N, 2) int64 level-0 (x, y) top-left pixels
+    tile_size_level0: int
+    attrs: dict[str, Any]
+
+
+def read_bag_slide(path: str, with_data: bool = True) -> BagSlide:
+    """A per-slide tile-feature file (eagleflow.features/2); attributes only if not `with_data`.
+
+    The one place that knows that file's layout (so it can be swapped for its own reader).
+    """
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {
+                key: value.decode() if isinstance(value, bytes) else value
+                for key, value in h5.attrs.items()
+            }
+            if attrs.get("format") != BAG_FEATURES_FORMAT:
+                raise FormatError(
+                    f"{path}: not a {BAG_FEATURES_FORMAT} file (format {attrs.get('format')!r})"
+                )
+            missing = [k for k in ("content_sha256", "tile_size_level0_px") if k not in attrs]
+            if missing:
+                raise FormatError(f"{path}: attribute(s) {', '.join(missing)} missing")
+            feats = coords = None
+            if with_data:
+                feats = h5["feats"][()]
+                coords = h5["coords_level0_px"][()]
+    except (OSError, KeyError) as err:
+        raise FormatError(f"{path}: unreadable or incomplete file ({err})") from err
+    if with_data and (
+        feats.ndim != 2
+        or feats.shape[1] != TILE_DIM
+        or coords.shape != (len(feats), 2)
+        or not np.issubdtype(coords.dtype, np.integer)
+    ):
+        raise FormatError(
+            f"{path}: feats must be (N, {TILE_DIM}) and coords_level0_px (N, 2) integers, got "
+            f"{feats.shape} and {coords.shape} {coords.dtype}"
+        )
+    return BagSlide(
+        feats=None if feats is None else feats.astype(np.float32, copy=False),
+        coords_level0=None if coords is None else coords.astype(np.int64, copy=False),
+        tile_size_level0=int(attrs["tile_size_level0_px"]),
+        attrs=attrs,
+    )
+
+
+def slide_cells(coords_level0: np.ndarray, tile_size_level0: int) -> np.ndarray:
+    """Level-0 (x, y) tile origins -> cells in tile units, moved so that min gx = min gy = 0.
+
+    Raises SlideLayoutError for coords that are not multiples of the tile size (our tilings'
+    are; flooring others could put two tiles into one cell) or for two tiles in one cell.
+    """
+    coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
+    if tile_size_level0 <= 0:
+        raise SlideLayoutError(f"tile size must be positive, got {tile_size_level0}")
+    if len(coords) == 0:
+        return coords.copy()
+    off_grid = coords % tile_size_level0 != 0
+    if off_grid.any():
+        worst = coords[off_grid.any(1)][0].tolist()
+        raise SlideLayoutError(
+            f"tile at level-0 (x, y) = {tuple(worst)} is not on the grid of its "
+            f"{tile_size_level0}-px tiles (coordinates must be multiples of the tile size)"
+        )
+    cells = coords // tile_size_level0
+    cells -= cells.min(0)
+    if len(np.unique(cells, axis=0)) != len(cells):
+        raise SlideLayoutError("two tiles of one slide have the same coordinates")
+    return cells
+
+
+def bag_positions(
+    slides: Sequence[tuple[np.ndarray, int]],
+    gap: int = SLIDE_GAP,
+    grid_limit: int = GRID_LIMIT,
+    *,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Grid cells (gx, gy) [L, 2] int64 of a bag's tiles, slide after slide in the given order.
+
+    `slides` are (level-0 coords [N, 2], level-0 tile size) pairs. Each slide keeps its own
+    tile layout, moved to its bounding box's origin, and is placed by shelf packing: left to
+    right with `gap` empty cells between slides, a new shelf (below the tallest slide so far
+    on the current one, after `gap` empty rows) when the next slide would reach gx >= grid_limit.
+    Slides without tiles take no space. Raises SlideLayoutError (naming the slide by `names`,
+    else its index) if a cell would reach `grid_limit` on either axis.
+    """
+    names = list(names) if names is not None else [f"slide {i}" for i in range(len(slides))]
+    placed = []
+    x = y = shelf_height = 0
+    for name, (coords, tile_size) in zip(names, slides, strict=True):
+        try:
+            cells = slide_cells(coords, int(tile_size))
+        except SlideLayoutError as err:
+            raise SlideLayoutError(f"{name}: {err}") from err
+        if len(cells) == 0:
+            placed.append(cells)
+            continue
+        width, height = (int(v) + 1 for v in cells.max(0))
+        if width > grid_limit or height > grid_limit:
+            raise SlideLayoutError(
+                f"{name} spans {width} x {height} tiles; the slide encoder's grid is "
+                f"{grid_limit} x {grid_limit} tiles"
+            )
+        if x > 0 and x + width > grid_limit:
+            x, y, shelf_height = 0, y + shelf_height + gap, 0
+        if y + height > grid_limit:
+            raise SlideLayoutError(
+                f"the bag's slides do not fit the slide encoder's {grid_limit} x {grid_limit} "
+                f"grid of tiles: {name} ({width} x {height} tiles) would reach row "
+                f"{y + height - 1}; encode slides one by one instead "
+                f"(slide_encoders.<name>.level: slide)"
+            )
+        placed.append(cells + np.array([x, y], dtype=np.int64))
+        x += width + gap
+        shelf_height = max(shelf_height, height)
+    positions = np.concatenate(placed) if placed else np.zeros((0, 2), dtype=np.int64)
+    # Distinct slides occupy disjoint boxes, so this cannot fail; it guards the packing itself.
+    assert len(np.unique(positions, axis=0)) == len(positions), "two tiles share a cell"
+    assert len(positions) == 0 or positions.max() < grid_limit
+    return positions.astype(np.int64, copy=False)
+
+
+def row_major(cells: np.ndarray) -> np.ndarray:
+    """Indices that sort cells by y, then x (the model's row-major order)."""
+    return np.lexsort((cells[:, 0], cells[:, 1]))
+
+
+def _check_params(params: Mapping[str, Any]) -> tuple[str, int]:
+    level = str(params.get("level", "patient"))
+    if level not in LEVELS:
+        raise SlideLayoutError(f"slide_encoder.level must be one of {LEVELS}, got {level!r}")
+    layer = params.get("layer", gs.DEFAULT_LAYER)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < N_LAYERS:
+        raise SlideLayoutError(
+            f"slide_encoder.layer must be an integer 0..{N_LAYERS - 1} (0: the input "
+            f"embedding, i: layer i's output; 11 as TRIDENT), got {layer!r}"
+        )
+    return level, layer
+
+
+def _one_value(values: Sequence[Any], what: str, bag: str) -> Any:
+    unique = sorted({str(v) for v in values})
+    if len(unique) != 1:
+        raise SlideLayoutError(f"{bag}: the slides' {what} differ ({', '.join(unique)})")
+    return values[0]
+
+
+def _tile_weights(attrs: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> dict[str, str]:
+    """The tile encoder's demo flag and sha256 from the inputs (demo if any input is demo)."""
+    for a, path in zip(attrs, paths, strict=True):
+        missing = [key for key in TILE_WEIGHT_ATTRS if key not in a]
+        if missing:
+            raise FormatError(f"{path}: attribute(s) {', '.join(missing)} missing")
+    demo_key, sha_key = TILE_WEIGHT_ATTRS
+    return {
+        demo_key: "true" if any(str(a[demo_key]) == "true" for a in attrs) else "false",
+        sha_key: ",".join(sorted({str(a[sha_key]) for a in attrs})),
+    }
+
+
+def bag_tokens(
+    slides: Sequence[BagSlide], names: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bag's tiles in token order: (feats [L, 1536], cells [L, 2], row in its slide's file [L]).
+
+    Cells from bag_positions (slides in the given order); within a slide, row-major.
+    """
+    positions = bag_positions([(s.coords_level0, s.tile_size_level0) for s in slides], names=names)
+    feats, cells, rows, start = [], [], [], 0
+    for slide in slides:
+        own = positions[start : start + len(slide.feats)]
+        start += len(slide.feats)
+        order = row_major(own)
+        feats.append(slide.feats[order])
+        cells.append(own[order])
+        rows.append(order)
+    return np.concatenate(feats), np.concatenate(cells), np.concatenate(rows).astype(np.int64)
+
+
+def encode_tokens(
+    model: torch.nn.Module, feats: np.ndarray, cells: np.ndarray, layer: int, device: torch.device
+) -> tuple[np.ndarray, float]:
+    """The pooled output of `layer` for tiles in this order at these cells, and its seconds."""
+    from eagleflow.models import autocast_context
+
+    began = time.perf_counter()
+    tokens = torch.from_numpy(feats).to(device)
+    coords = torch.from_numpy(cells * MODEL_TILE_SIZE).to(device)  # floor(coords / 256) = cells
+    with torch.inference_mode(), autocast_context(device):
+        output = model.encode(tokens, coords, MODEL_TILE_SIZE, row_major=False)
+        embedding = output.layers[layer].float().cpu().numpy()  # .cpu() waits for the GPU
+    return embedding, time.perf_counter() - began
+
+
+@dataclass(frozen=True)
+class _BagInputs:
+    """A bag's slides (sorted by id) and what its output must have been made from."""
+
+    bag_id: str
+    slide_ids: list[str]
+    paths: list[str]
+    tile_weights: dict[str, str]
+    input_sha256: str
+
+
+def _bag_inputs(bag: Mapping[str, Any], level: str) -> _BagInputs:
+    """Check a bag's slide list and read its inputs' attributes (not their data)."""
+    bag_id = str(bag["slide_id"])
+    members = sorted(bag["slides"], key=lambda s: str(s["slide_id"]))
+    slide_ids = [str(s["slide_id"]) for s in members]
+    if not members or len(set(slide_ids)) != len(slide_ids):
+        raise SlideLayoutError(f"{bag_id}: a bag needs slides with distinct ids, got {slide_ids}")
+    if level == "slide" and len(members) != 1:
+        raise SlideLayoutError(f"{bag_id}: level 'slide' takes one slide per bag, got {slide_ids}")
+    paths = [str(s["features"]) for s in members]
+    attrs = [read_bag_slide(path, with_data=False).attrs for path in paths]
+    contents = [(sid, str(a["content_sha256"])) for sid, a in zip(slide_ids, attrs, strict=True)]
+    return _BagInputs(bag_id, slide_ids, paths, _tile_weights(attrs, paths), digest(contents))
+
+
+def run_slide_encoder_batch(
+    bags: Sequence[dict[str, Any]],
+    model_cfg: dict[str, Any],
+    params: dict[str, Any],
+    manifest: str,
+    threads: int = 1,
+) -> None:
+    """The `slide_encoder_gigapath` rule: for each bag {slide_id (the bag id), patient,
+    slides: [{slide_id, features}], output}, the LongNet embedding of all its tiles.
+
+    params: level ("patient" or "slide", recorded; the rule makes the bags), layer (0..12,
+    default 11: layer 11's pooled output, as TRIDENT) and device.
+    """
+    from eagleflow.models import load_model, weights_attrs
+
+    configure_torch(threads)
+    level, layer = _check_params(params)
+    info = resolve_configured(MODEL, model_cfg)
+    params_sha256 = stage_params_sha256(STAGE, info.sha256, level=level, layer=layer)
+    model = device = None
+    demo = info.is_demo
+    for bag in bags:
+        inputs = _bag_inputs(bag, level)
+        demo = demo or inputs.tile_weights[TILE_WEIGHT_ATTRS[0]] == "true"
+        if is_up_to_date(
+            bag["output"],
+            SLIDE_EMBEDDING_FORMAT,
+            SLIDE_EMBEDDING_SHAPES,
+            params_sha256,
+            inputs.input_sha256,
+        ):
+            log.info("%s: slide embedding up to date, skipped", inputs.bag_id)
+            continue
+        slides = [read_bag_slide(path) for path in inputs.paths]
+        if sum(len(s.feats) for s in slides) == 0:
+            raise SlideLayoutError(f"{inputs.bag_id}: no tiles in its slides {inputs.slide_ids}")
+        # Tile units are one frame only if every slide's tiles cover the same µm.
+        grid = {
+            key: _one_value([s.attrs.get(key) for s in slides], key, inputs.bag_id)
+            for key in ("tile_px", "tile_mpp", "tile_size_um")
+        }
+        try:
+            feats, positions, tile_index = bag_tokens(slides, inputs.slide_ids)
+        except SlideLayoutError as err:
+            raise SlideLayoutError(
+                f"{inputs.bag_id} (slides {', '.join(inputs.slide_ids)}): {err}"
+            ) from err
+        if model is None:  # one load per job, and none when every bag is up to date
+            device = resolve_device(str(params.get("device", "cpu")))
+            model = load_model(MODEL, info, device=device)
+        embedding, seconds = encode_tokens(model, feats, positions, layer, device)
+        slide_tiles = np.array([len(s.feats) for s in slides], dtype=np.int64)
+        attrs = {
+            "format": SLIDE_EMBEDDING_FORMAT,
+            "encoder": MODEL,
+            "bag": inputs.bag_id,
+            "patient": str(bag["patient"]),
+            "level": level,
+            "layer": layer,
+            "pooling": "mean of the tile tokens, then norm (global_pool)",
+            "n_tiles": int(slide_tiles.sum()),
+            "n_slides": len(slides),
+            "layout": LAYOUT,
+            "token_order": TOKEN_ORDER,
+            "model_tile_size": MODEL_TILE_SIZE,
+            **grid,
+            "device": str(device),
+            "precision": "fp32" if device.type == "cpu" else "bf16 autocast",
+            **weights_attrs(info),
+            **inputs.tile_weights,
+            "params_sha256": params_sha256,
+            "input_sha256": inputs.input_sha256,
+            **provenance_attrs(STAGE, params),
+            "compute_seconds": seconds,
+            "tile_forwards": 0,
+            "slide_forwards": 1,
+        }
+        datasets = {
+            "embedding": embedding.astype(np.float32),
+            "positions": positions,
+            "tile_index": tile_index,
+            "slide_order": np.array([sid.encode() for sid in inputs.slide_ids]),
+            "slide_tiles": slide_tiles,
+        }
+        write_h5(bag["output"], datasets, attrs)
+        log.info(
+            "%s: LongNet over %d tiles of %d slide(s) in %.2f s -> %s",
+            inputs.bag_id,
+            len(positions),
+            len(slides),
+            seconds,
+            bag["output"],
+        )
+    write_manifest(manifest, bags, demo)

@@ -1,0 +1,15 @@
+"""Rule slide_encoder_gigapath: bags of slides (patients or slides) -> LongNet embedding H5 per bag
++ manifest."""
+
+from eagleflow.logutil import run_rule
+from eagleflow.slide_encoding import run_slide_encoder_batch
+
+run_rule(
+    snakemake.log[0],
+    run_slide_encoder_batch,
+    bags=snakemake.params.bags,
+    model_cfg=dict(snakemake.params.model),
+    params={**snakemake.params.slide_encoder, "device": snakemake.config["features"]["device"]},
+    manifest=snakemake.output.manifest,
+    threads=snakemake.threads,
+)
