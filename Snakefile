@@ -1,4 +1,5 @@
-# eagle-snakemake: EAGLE (CHIEF-selected tiles embedded by Virchow2) as a restartable workflow.
+# eagle-snakemake: EAGLE (CHIEF-selected tiles embedded by Virchow2) and the slide representations
+# it is compared with, as a restartable workflow.
 # This file is the table of contents; helpers live in rules/common.smk, logic in scripts/eagleflow.
 from snakemake.utils import min_version
 
@@ -16,6 +17,7 @@ include: "rules/tiling.smk"
 include: "rules/features.smk"
 include: "rules/attention.smk"
 include: "rules/eagle.smk"
+include: "rules/slide_encoders.smk"
 include: "rules/embeddings.smk"
 include: "rules/heads.smk"
 include: "rules/evaluation.smk"

@@ -1,6 +1,6 @@
 rule attention_chief:
     input:
-        features="results/features/ctranspath/batches/{batch}.tsv",
+        features=f"results/features/{SELECTION_ENCODER}/batches/{{batch}}.tsv",
     output:
         manifest="results/attention/chief/batches/{batch}.tsv",
     log:
@@ -16,7 +16,7 @@ rule attention_chief:
     params:
         code=stage_code_digest("attention_chief"),
         slides=batch_params(
-            features="results/features/ctranspath/{slide}.h5",
+            features=f"results/features/{SELECTION_ENCODER}/{{slide}}.h5",
             output="results/attention/chief/{slide}.h5",
         ),
         model=config["models"]["chief"],

@@ -19,7 +19,17 @@ from eagleflow.sheets import (  # noqa: E402
 from eagleflow.batches import assign_batches  # noqa: E402
 from eagleflow.mpp import check_mpp_settings  # noqa: E402
 from eagleflow.slidefiles import slide_fingerprint  # noqa: E402
-from eagleflow.h5io import EMBEDDING_NAMES  # noqa: E402
+from eagleflow.encoders import (  # noqa: E402
+    SELECTION_ENCODER,
+    SLIDE_ENCODERS,
+    TILE_ENCODERS,
+    as_list,
+    check_embedding_names,
+    check_encoder_config,
+    configured_embeddings,
+    required_models,
+    tile_encoder_grids,
+)
 from eagleflow.tasks import validate_tasks  # noqa: E402
 from eagleflow.provenance import stage_code_digest  # noqa: E402
 from eagleflow.weights import check_weights_config  # noqa: E402
@@ -49,8 +59,38 @@ check_sheets_agree(
     config["clinical_table"],
     config["sheets"]["allow_patients_without_slides"],
 )
+SLIDE_STAINS = (
+    SLIDES["STAIN"].to_dict() if "STAIN" in SLIDES else dict.fromkeys(SLIDES.index, "HE")
+)
+STAINS = sorted(set(SLIDE_STAINS.values()))
+
+# Encoders: which run on every tile (each at its grid), which embed EAGLE's top-k, which encode
+# bags of tile embeddings; and the embeddings they make, in report order.
+check_encoder_config(config)
+ENCODER_GRIDS = tile_encoder_grids(config["tile_encoders"])
+SELECTION_GRID = ENCODER_GRIDS[SELECTION_ENCODER]
+# The selection grid first, the others sorted: reordering the config replans no tiling.
+GRIDS = [SELECTION_GRID] + sorted(set(ENCODER_GRIDS.values()) - {SELECTION_GRID})
+GRID_NAMES = [grid.name for grid in GRIDS]
+TILE_ENCODER_NAMES = list(config["tile_encoders"])
+EAGLE_ENCODERS = as_list(config["eagle"]["encoder"])
+TOP_KS = [int(k) for k in as_list(config["eagle"]["top_k"])]
+SLIDE_ENCODER_CONFIG = config.get("slide_encoders") or {}
+EMBEDDINGS = configured_embeddings(
+    TILE_ENCODER_NAMES, EAGLE_ENCODERS, TOP_KS, list(SLIDE_ENCODER_CONFIG)
+)
+EMBEDDING_NAMES = [spec.name for spec in EMBEDDINGS]
+for section in ("umap", "retrieval"):
+    check_embedding_names(
+        f"evaluation.{section}.embeddings",
+        config["evaluation"][section]["embeddings"],
+        EMBEDDING_NAMES,
+    )
+
 # Missing weight files fail here, before any slide is touched.
-WEIGHTS = check_weights_config(config["models"])
+WEIGHTS = check_weights_config(
+    config["models"], required=required_models(config, STAINS)
+)
 # GPU stages run per batch of slides (one model load per job); a slide's batch hashes its id.
 N_BATCHES = config["features"]["n_batches"]
 BATCH_SLIDES = assign_batches(SLIDES.index, N_BATCHES)
@@ -66,6 +106,7 @@ TASKS = validate_tasks(
     SLIDES,
     folds=config["heads"]["mlp"]["folds"],
     clinical_path=config["clinical_table"],
+    embedding_names=EMBEDDING_NAMES,
 )
 
 
@@ -81,6 +122,7 @@ wildcard_constraints:
     batch="b[0-9]{4}",
     task=alternatives(TASKS),
     embedding=alternatives(EMBEDDING_NAMES),
+    grid=alternatives(GRID_NAMES),
 
 
 def slide_location(wildcards):
@@ -111,25 +153,36 @@ def sheet_mpp_param():
     return sheet_mpp if SLIDES["MPP"].notna().any() else None
 
 
-def batch_inputs(pattern):
-    """Input function: `pattern` for every slide of the job's batch."""
+def batch_inputs(pattern, **fixed):
+    """Input function: `pattern` for every slide of the job's batch (other fields from `fixed`,
+    values may be functions of the wildcards)."""
 
     def inputs(wildcards):
-        return expand(pattern, slide=BATCH_SLIDES[wildcards.batch])
+        values = {k: v(wildcards) if callable(v) else v for k, v in fixed.items()}
+        return [
+            pattern.format(slide=slide, **values) for slide in BATCH_SLIDES[wildcards.batch]
+        ]
 
     return inputs
 
 
 def batch_params(**patterns):
-    """Params function: per slide of the batch its id, slide path and the given file paths."""
+    """Params function: per slide of the batch its id, slide path, stain and the given paths.
+
+    Patterns may use {slide}, the job's wildcards ({encoder}) and {grid} (the encoder's grid).
+    """
 
     def params(wildcards):
+        fields = dict(wildcards.items())
+        if fields.get("encoder") in ENCODER_GRIDS:
+            fields["grid"] = encoder_grid(wildcards)
         return [
             {
                 "slide_id": slide,
                 "slide_path": SLIDE_PATHS[slide],
+                "stain": SLIDE_STAINS[slide],
                 **{
-                    key: pattern.format(slide=slide)
+                    key: pattern.format(slide=slide, **fields)
                     for key, pattern in patterns.items()
                 },
             }
@@ -139,18 +192,133 @@ def batch_params(**patterns):
     return params
 
 
+def encoder_grid(wildcards):
+    """The grid name of the job's tile encoder."""
+    return ENCODER_GRIDS[wildcards.encoder].name
+
+
+def encoder_models(encoder):
+    """The `models:` settings of an encoder's models for the sheet's stains."""
+    return {
+        name: config["models"][name] for name in TILE_ENCODERS[encoder].models_for(STAINS)
+    }
+
+
+def tile_encoder_models(wildcards):
+    return encoder_models(wildcards.encoder)
+
+
+def tiling_grids():
+    """The grids every slide is tiled at, as plain data (a change replans tiling)."""
+    return [{"tile_px": grid.tile_px, "tile_mpp": grid.tile_mpp} for grid in GRIDS]
+
+
 def eagle_params():
-    """What changes the Virchow2 top-k stage's results (runtime settings are read by the script)."""
-    return {key: config["eagle"][key] for key in ("top_k", "reference_transpose")}
+    """What changes the top-k stage's results: the largest k and the orientation.
+
+    A list of k runs the second stage once on the largest; every k is the first k rows.
+    """
+    return {
+        "top_k": max(TOP_KS),
+        "reference_transpose": config["eagle"]["reference_transpose"],
+    }
+
+
+def eagle_batch_size():
+    return config["eagle"]["batch_size"]
+
+
+def tile_encoder_batch_size(encoder):
+    settings = config["tile_encoders"][encoder] or {}
+    return settings.get("batch_size", config["features"]["batch_size"])
+
+
+def patient_bags(name):
+    """Slide-encoder bags: per patient and stain (one pass over its slides), or per slide."""
+    level = SLIDE_ENCODER_CONFIG[name]["level"]
+    bags = {}
+    for slide in sorted(SLIDES.index):
+        bag = (
+            slide
+            if level == "slide"
+            else f"{SLIDES.at[slide, 'PATIENT']}.{SLIDE_STAINS[slide]}"
+        )
+        bags.setdefault(bag, []).append(slide)
+    return bags
+
+
+SLIDE_ENCODER_BAGS = {name: patient_bags(name) for name in SLIDE_ENCODER_CONFIG}
+SLIDE_ENCODER_BATCHES = {
+    name: assign_batches(bags, N_BATCHES) for name, bags in SLIDE_ENCODER_BAGS.items()
+}
+
+
+def slide_encoder_bags(wildcards):
+    """Params function: the bags of the job's batch, each with its slides' feature files."""
+    name = wildcards.slide_encoder
+    tile_encoder = SLIDE_ENCODERS[name].tile_encoder
+    bags = SLIDE_ENCODER_BAGS[name]
+    return [
+        {
+            "slide_id": bag,
+            "patient": str(SLIDES.at[bags[bag][0], "PATIENT"]),
+            "slides": [
+                {
+                    "slide_id": slide,
+                    "features": f"results/features/{tile_encoder}/{slide}.h5",
+                }
+                for slide in bags[bag]
+            ],
+            "output": f"results/slide_encoders/{name}/{bag}.h5",
+        }
+        for bag in SLIDE_ENCODER_BATCHES[name][wildcards.batch]
+    ]
+
+
+def slide_encoder_inputs(wildcards):
+    tile_encoder = SLIDE_ENCODERS[wildcards.slide_encoder].tile_encoder
+    return expand(
+        "results/features/{encoder}/batches/{batch}.tsv", encoder=tile_encoder, batch=BATCHES
+    )
 
 
 def sheet_rows():
     return [
-        {"slide_id": slide, "patient": patient, "cohort": cohort}
+        {
+            "slide_id": slide,
+            "patient": patient,
+            "cohort": cohort,
+            "stain": SLIDE_STAINS[slide],
+        }
         for slide, patient, cohort in zip(
             SLIDES.index, SLIDES["PATIENT"], SLIDES["COHORT"], strict=True
         )
     ]
+
+
+def embedding_specs():
+    """The configured embeddings as plain data for `params:` (a change replans the tables)."""
+    return [
+        {
+            "name": spec.name,
+            "kind": spec.kind,
+            "encoder": spec.encoder,
+            "top_k": spec.top_k,
+        }
+        for spec in EMBEDDINGS
+    ]
+
+
+def stain_tables():
+    """Stain -> patient table from that stain's slides only, for tasks restricted to a stain."""
+    stains = sorted({task.stain for task in TASKS.values() if getattr(task, "stain", None)})
+    return {stain: f"results/embeddings/patients_{stain}.h5" for stain in stains}
+
+
+def task_embeddings_table(wildcards):
+    """The patient table a task trains on: all slides, or those of its stain."""
+    stain = getattr(TASKS[wildcards.task], "stain", None)
+    return stain_tables()[stain] if stain else "results/embeddings/patients.h5"
 
 
 def file_stems(folder, suffix):
@@ -168,7 +336,9 @@ def lost_tiling_qc():
     The others come with the tiles every batch needs: listing all 10,000 would cost seconds of
     planning for nothing.
     """
-    lost = file_stems("results/tiles", ".h5") - file_stems("results/qc/tiles", ".png")
+    lost = file_stems(f"results/tiles/{SELECTION_GRID.name}", ".h5") - file_stems(
+        "results/qc/tiles", ".png"
+    )
     return [
         f"results/qc/tiles/{slide}.png"
         for slide in sorted(lost)
@@ -180,7 +350,12 @@ def final_outputs():
     return (
         lost_tiling_qc()
         + expand("results/qc/topk/{batch}", batch=BATCHES)
-        + ["results/embeddings/slides.h5", "results/embeddings/patients.h5"]
+        + [
+            "results/embeddings/slides.h5",
+            "results/embeddings/patients.h5",
+            "results/embeddings/compute.csv",
+        ]
+        + list(stain_tables().values())
         + evaluation_outputs()
     )
 
@@ -220,6 +395,7 @@ def evaluation_outputs():
         )
         outputs += [
             "results/evaluation/metrics.html",
+            "results/evaluation/comparison.csv",
             "results/evaluation/metrics.csv",
             "results/evaluation/fewshot.csv",
             "results/evaluation/delong.csv",

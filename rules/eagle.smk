@@ -1,14 +1,18 @@
-rule eagle_virchow2_topk:
+# EAGLE's second stage, once per configured encoder: the top-k tiles of each slide (the largest
+# k of eagle.top_k) re-read on CHIEF's grid and embedded.
+rule eagle_embed_topk:
     input:
         # The batch's tiles are upstream of this manifest (tiles -> features -> attention), so
         # they are not listed again: each listing costs one DAG lookup per slide.
         attention="results/attention/chief/batches/{batch}.tsv",
     output:
-        manifest="results/eagle/topk/batches/{batch}.tsv",
+        manifest="results/eagle/{encoder}/batches/{batch}.tsv",
     log:
-        "logs/eagle/virchow2/{batch}.log",
+        "logs/eagle/{encoder}/{batch}.log",
     benchmark:
-        "benchmarks/eagle/virchow2/{batch}.tsv"
+        "benchmarks/eagle/{encoder}/{batch}.tsv"
+    wildcard_constraints:
+        encoder=alternatives(EAGLE_ENCODERS),
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -16,21 +20,21 @@ rule eagle_virchow2_topk:
         mem_mb=16000,
         runtime=120,
     params:
-        code=stage_code_digest("eagle_virchow2_topk"),
+        code=stage_code_digest("eagle_embed_topk"),
         slides=batch_params(
-            tiles="results/tiles/{slide}.h5",
+            tiles=f"results/tiles/{SELECTION_GRID.name}/{{slide}}.h5",
             attention="results/attention/chief/{slide}.h5",
-            output="results/eagle/topk/{slide}.h5",
+            output="results/eagle/{encoder}/{slide}.h5",
         ),
-        model=config["models"]["virchow2"],
+        models=tile_encoder_models,
         eagle=eagle_params(),
     script:
-        "../scripts/eagle_virchow2_topk.py"
+        "../scripts/eagle_embed_topk.py"
 
 
 rule eagle_topk_thumbnails:
     input:
-        manifest="results/eagle/topk/batches/{batch}.tsv",
+        manifest=f"results/eagle/{EAGLE_ENCODERS[0]}/batches/{{batch}}.tsv",
     output:
         pngs=report(
             directory("results/qc/topk/{batch}"),
@@ -51,6 +55,6 @@ rule eagle_topk_thumbnails:
         runtime=30,
     params:
         code=stage_code_digest("eagle_topk_thumbnails"),
-        slides=batch_params(tiles="results/tiles/{slide}.h5"),
+        slides=batch_params(tiles=f"results/tiles/{SELECTION_GRID.name}/{{slide}}.h5"),
     script:
         "../scripts/eagle_topk_thumbnails.py"

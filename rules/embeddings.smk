@@ -1,10 +1,26 @@
 rule embeddings_collect:
     input:
         attention=expand("results/attention/chief/batches/{batch}.tsv", batch=BATCHES),
-        topk=expand("results/eagle/topk/batches/{batch}.tsv", batch=BATCHES),
+        features=expand(
+            "results/features/{encoder}/batches/{batch}.tsv",
+            encoder=TILE_ENCODER_NAMES,
+            batch=BATCHES,
+        ),
+        topk=expand(
+            "results/eagle/{encoder}/batches/{batch}.tsv",
+            encoder=EAGLE_ENCODERS,
+            batch=BATCHES,
+        ),
+        slide_encoders=[
+            f"results/slide_encoders/{name}/batches/{batch}.tsv"
+            for name in SLIDE_ENCODER_CONFIG
+            for batch in SLIDE_ENCODER_BATCHES[name]
+        ],
     output:
         slides="results/embeddings/slides.h5",
         patients="results/embeddings/patients.h5",
+        stain_tables=list(stain_tables().values()),
+        compute="results/embeddings/compute.csv",
     log:
         "logs/embeddings/collect.log",
     benchmark:
@@ -18,9 +34,13 @@ rule embeddings_collect:
     params:
         code=stage_code_digest("embeddings_collect"),
         slides=sheet_rows(),
+        embeddings=embedding_specs(),
+        stain_tables=stain_tables(),
         eagle={
-            "top_k": config["eagle"]["top_k"],
             "aggregation": config["eagle"]["aggregation"],
+            "slide_encoder_levels": {
+                name: settings["level"] for name, settings in SLIDE_ENCODER_CONFIG.items()
+            },
         },
     script:
         "../scripts/embeddings_collect.py"

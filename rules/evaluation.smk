@@ -44,7 +44,7 @@ rule evaluation_figures:
             "results/heads/{task}/{embedding}/mlp/external.csv"
         ),
         fewshot="results/evaluation/{task}/fewshot.csv",
-        embeddings="results/embeddings/patients.h5",
+        embeddings=task_embeddings_table,
     output:
         roc=report(
             "results/evaluation/{task}/roc.png",
@@ -90,13 +90,21 @@ rule evaluation_summary:
         fewshot=expand("results/evaluation/{task}/fewshot.csv", task=list(TASKS)),
         delong=expand("results/evaluation/{task}/delong.csv", task=list(TASKS)),
         embeddings="results/embeddings/patients.h5",
+        compute="results/embeddings/compute.csv",
     output:
         html=report(
             "results/evaluation/metrics.html",
             caption="../report/evaluation_tables.rst",
             category="Classification",
             subcategory="All tasks",
-            labels={"table": "metrics, DeLong, few-shot"},
+            labels={"table": "comparison, metrics, DeLong, few-shot"},
+        ),
+        comparison=report(
+            "results/evaluation/comparison.csv",
+            caption="../report/evaluation_tables.rst",
+            category="Classification",
+            subcategory="All tasks",
+            labels={"table": "comparison (CSV)"},
         ),
         metrics=report(
             "results/evaluation/metrics.csv",
@@ -131,6 +139,7 @@ rule evaluation_summary:
         runtime=10,
     params:
         code=stage_code_digest("evaluation_summary"),
+        note=config["evaluation"]["note"],
     script:
         "../scripts/evaluation_summary.py"
 

@@ -1,12 +1,15 @@
-rule features_ctranspath:
+# One rule for every tile encoder: each runs on every tile of its grid, in batches of slides.
+rule features_encode_tiles:
     input:
-        tiles=batch_inputs("results/tiles/{slide}.h5"),
+        tiles=batch_inputs("results/tiles/{grid}/{slide}.h5", grid=encoder_grid),
     output:
-        manifest="results/features/ctranspath/batches/{batch}.tsv",
+        manifest="results/features/{encoder}/batches/{batch}.tsv",
     log:
-        "logs/features/ctranspath/{batch}.log",
+        "logs/features/{encoder}/{batch}.log",
     benchmark:
-        "benchmarks/features/ctranspath/{batch}.tsv"
+        "benchmarks/features/{encoder}/{batch}.tsv"
+    wildcard_constraints:
+        encoder=alternatives(TILE_ENCODER_NAMES),
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -14,11 +17,11 @@ rule features_ctranspath:
         mem_mb=8000,
         runtime=120,
     params:
-        code=stage_code_digest("features_ctranspath"),
+        code=stage_code_digest("features_encode_tiles"),
         slides=batch_params(
-            tiles="results/tiles/{slide}.h5",
-            output="results/features/ctranspath/{slide}.h5",
+            tiles="results/tiles/{grid}/{slide}.h5",
+            output="results/features/{encoder}/{slide}.h5",
         ),
-        model=config["models"]["ctranspath"],
+        models=tile_encoder_models,
     script:
-        "../scripts/features_ctranspath.py"
+        "../scripts/features_encode_tiles.py"

@@ -1,6 +1,6 @@
 rule heads_mlp_crossval:
     input:
-        embeddings="results/embeddings/patients.h5",
+        embeddings=task_embeddings_table,
         clinical=config["clinical_table"],
     output:
         predictions="results/heads/{task}/{embedding}/mlp/predictions.csv",
@@ -28,7 +28,7 @@ rule heads_mlp_crossval:
 
 rule heads_fewshot:
     input:
-        embeddings="results/embeddings/patients.h5",
+        embeddings=task_embeddings_table,
         clinical=config["clinical_table"],
     output:
         predictions="results/heads/{task}/{embedding}/fewshot/predictions.csv",

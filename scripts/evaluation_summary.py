@@ -17,4 +17,5 @@ run_rule(
     html_path=snakemake.output.html,
     compute_csv=snakemake.input.compute,
     comparison_csv=snakemake.output.comparison,
+    note=snakemake.params.note,
 )

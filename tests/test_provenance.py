@@ -63,8 +63,8 @@ def test_stage_modules_are_what_the_rule_script_imports(rule):
 
 
 def test_known_dependencies_that_a_hand_list_had_missed():
-    assert "models/__init__.py" in provenance.stage_modules("features_ctranspath")
-    assert "attention.py" in provenance.stage_modules("eagle_virchow2_topk")
+    assert "models/__init__.py" in provenance.stage_modules("features_encode_tiles")
+    assert "attention.py" in provenance.stage_modules("eagle_embed_topk")
     # A tool or the demo generator is no stage's code.
     for rule in RULES:
         assert not any(m.startswith("demo") for m in provenance.stage_modules(rule)), rule

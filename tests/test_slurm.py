@@ -31,7 +31,7 @@ import yaml
 from workflow_helpers import FAST, REPO, SNAKEMAKE, make_demo_workdir
 
 PROFILE = REPO / "profiles" / "slurm"
-GPU_RULES = ("features_ctranspath", "eagle_virchow2_topk")
+GPU_RULES = ("features_encode_tiles", "eagle_embed_topk")
 PER_SLIDE_RULES = ("tiling_tile_slide",)  # the profile's slurm-array-jobs
 
 
@@ -117,7 +117,7 @@ def test_profile_is_found_by_name(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     cpu = _profile()["default-resources"]["slurm_partition"]
-    gpu = _profile()["set-resources"]["features_ctranspath"]["slurm_partition"]
+    gpu = _profile()["set-resources"]["features_encode_tiles"]["slurm_partition"]
     blocks = {
         block.split(":", 1)[0].strip(): block
         for block in re.split(r"\n(?:localrule|rule) ", output)[1:]

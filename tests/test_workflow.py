@@ -22,7 +22,7 @@ def test_dry_run_plans_the_dag(demo_dir):
     counts = job_counts(result.stdout)
     assert counts["tiling_tile_slide"] == len(slides)
     assert counts["eagle_topk_thumbnails"] == 2
-    for batch_rule in ("features_ctranspath", "attention_chief", "eagle_virchow2_topk"):
+    for batch_rule in ("features_encode_tiles", "attention_chief", "eagle_embed_topk"):
         assert counts[batch_rule] == 2
     assert counts["embeddings_collect"] == 1
 

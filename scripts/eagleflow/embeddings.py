@@ -1,94 +1,337 @@
-"""Cohort tables of slide and patient embeddings (EAGLE, CHIEF, mean-pooled CTransPath)."""
+"""Cohort tables of slide and patient embeddings: every configured embedding, plus what each cost.
+
+Per embedding kind (eagleflow.encoders.EmbeddingSpec):
+- eagle (encoder, k): mean (or softmax-weighted mean) of the k tiles with the highest raw CHIEF
+  score; a patient's k are the best over all its slides' tiles;
+- chief: CHIEF's attention pooling; a patient's softmax runs over all its tiles (the slides'
+  softmaxes merged exactly through their log-sum-exp);
+- meanpool_<encoder>: mean of every tile's embedding; a patient's is tile-count weighted;
+- slide_encoder: the slide encoder's embedding of a bag (a patient's slides of one stain in one
+  pass, or one slide); a patient's over several bags is their tile-count weighted mean.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from eagleflow.batches import read_manifest
-from eagleflow.eagle import SlideEmbeddings, load_slide_embeddings, patient_embeddings
-from eagleflow.h5io import EMBEDDING_NAMES, EMBEDDINGS_FORMAT, read_attrs, write_h5  # noqa: F401
+from eagleflow.eagle import aggregate, softmax
+from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, EmbeddingSpec
+from eagleflow.feature_files import read_feats_mean
+from eagleflow.h5io import EMBEDDINGS_FORMAT, read_attrs, read_h5, write_csv, write_h5
 from eagleflow.provenance import provenance_attrs
 
 log = logging.getLogger(__name__)
 
+COMPUTE_COLUMNS = (
+    "embedding",
+    "kind",
+    "description",
+    "tile_forwards_per_slide",
+    "slide_forwards_per_slide",
+    "seconds_per_slide",
+    "demo_weights",
+)
 
-def _demo_models(paths: Sequence[str]) -> list[str]:
-    """Models that ran with demo weights for any of these files."""
-    demo = set()
-    for path in paths:
-        attrs = read_attrs(path)
-        for model in ("ctranspath", "chief", "virchow2"):
-            if attrs.get(f"{model}_weights_demo") == "true":
-                demo.add(model)
-    return sorted(demo)
+
+@dataclass
+class SlideRecord:
+    """What the per-slide files hold for one slide, for every embedding."""
+
+    slide_id: str
+    patient: str
+    cohort: str
+    stain: str
+    chief: np.ndarray | None = None
+    logsumexp: float = 0.0
+    n_tiles: int = 0  # tiles of the selection grid (CTransPath, CHIEF, EAGLE)
+    means: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # encoder -> (mean, n)
+    topk: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> datasets
+    cost: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (forwards, s)
+    demo: dict[str, set[str]] = field(default_factory=dict)  # stage -> models with demo weights
+
+    def demo_models(self) -> set[str]:
+        return set().union(*self.demo.values())
+
+
+def demo_models(attrs: Mapping[str, Any]) -> set[str]:
+    """Models a file (or its inputs) ran with demo weights."""
+    return {
+        key.removesuffix("_weights_demo")
+        for key, value in attrs.items()
+        if key.endswith("_weights_demo") and value == "true"
+    }
+
+
+def _merge_manifests(manifests: Sequence[str]) -> dict[str, str]:
+    return {k: v for m in manifests for k, v in read_manifest(m).items()}
+
+
+def load_slide_records(
+    slides: Sequence[Mapping[str, str]],
+    attention: Sequence[str],
+    features: Mapping[str, Sequence[str]],
+    topk: Mapping[str, Sequence[str]],
+) -> dict[str, SlideRecord]:
+    """Read every slide's per-slide files (only the small datasets of the feature files)."""
+    attention_files = _merge_manifests(attention)
+    feature_files = {enc: _merge_manifests(m) for enc, m in features.items()}
+    topk_files = {enc: _merge_manifests(m) for enc, m in topk.items()}
+    records = {}
+    for slide in sorted(slides, key=lambda s: s["slide_id"]):
+        sid = slide["slide_id"]
+        record = SlideRecord(
+            sid, slide["patient"], slide["cohort"], slide.get("stain", DEFAULT_STAIN)
+        )
+        data, attrs = read_h5(attention_files[sid])
+        record.chief = data["chief_embedding"]
+        record.logsumexp = float(attrs["attention_logsumexp"])
+        record.n_tiles = int(attrs["n_tiles"])
+        record.cost["chief"] = (0.0, float(attrs.get("compute_seconds", 0.0)))
+        record.demo["chief"] = demo_models(attrs)
+        for encoder, files in feature_files.items():
+            mean, n = read_feats_mean(files[sid])
+            attrs = read_attrs(files[sid])
+            record.means[encoder] = (mean, n)
+            record.cost[f"features:{encoder}"] = (
+                float(attrs.get("tile_forwards", n)),
+                float(attrs.get("compute_seconds", 0.0)),
+            )
+            record.demo[f"features:{encoder}"] = demo_models(attrs)
+        for encoder, files in topk_files.items():
+            data, attrs = read_h5(files[sid])
+            record.topk[encoder] = data
+            record.cost[f"topk:{encoder}"] = (
+                float(attrs.get("tile_forwards", len(data["tile_index"]))),
+                float(attrs.get("compute_seconds", 0.0)),
+            )
+            record.demo[f"topk:{encoder}"] = demo_models(attrs)
+        records[sid] = record
+    return records
+
+
+def load_bags(manifests: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Slide-encoder bag id -> {embedding, n_tiles, seconds, demo, slides} from its files."""
+    bags = {}
+    for bag, path in _merge_manifests(manifests).items():
+        data, attrs = read_h5(path)
+        bags[bag] = {
+            "embedding": data["embedding"],
+            "n_tiles": int(attrs["n_tiles"]),
+            "seconds": float(attrs.get("compute_seconds", 0.0)),
+            "demo": demo_models(attrs),
+            "slides": [s.decode() for s in data["slide_order"]],
+        }
+    return bags
+
+
+def eagle_embedding(
+    records: Sequence[SlideRecord], encoder: str, k: int, aggregation: str
+) -> np.ndarray:
+    """EAGLE over the tiles of `records` (one slide, or a patient's slides) at this k.
+
+    Ties: higher raw score first, then the slide id, then the tile's row in the tiles file.
+    """
+    records = sorted(records, key=lambda r: r.slide_id)
+    tops = [r.topk[encoder] for r in records]
+    scores = np.concatenate([t["attention_raw"] for t in tops])
+    slide_rank = np.concatenate([np.full(len(t["attention_raw"]), i) for i, t in enumerate(tops)])
+    tile_index = np.concatenate([t["tile_index"] for t in tops])
+    embeddings = np.concatenate([t["tile_embeddings"] for t in tops])
+    order = np.lexsort((tile_index, slide_rank, -scores.astype(np.float64)))[:k]
+    mean, weighted = aggregate(embeddings[order], scores[order])
+    return mean if aggregation == "mean" else weighted
+
+
+def chief_embedding(records: Sequence[SlideRecord]) -> np.ndarray:
+    """CHIEF's pooling over all tiles of the records: each slide weighted by its softmax mass."""
+    weight = softmax(np.array([r.logsumexp for r in records]))
+    stacked = np.stack([r.chief for r in records]).astype(np.float64)
+    return (weight[:, None] * stacked).sum(0).astype(np.float32)
+
+
+def weighted_mean(vectors: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
+    weights = np.asarray(counts, dtype=np.float64)
+    stacked = np.stack(vectors).astype(np.float64)
+    return ((weights[:, None] * stacked).sum(0) / weights.sum()).astype(np.float32)
+
+
+def bag_ids(record: SlideRecord, level: str) -> str:
+    """The slide-encoder bag of a slide: the slide itself, or its patient's slides of its stain."""
+    return record.slide_id if level == "slide" else f"{record.patient}.{record.stain}"
+
+
+def embed_group(
+    records: Sequence[SlideRecord],
+    spec: EmbeddingSpec,
+    aggregation: str,
+    bags: Mapping[str, Mapping[str, Any]],
+    level: str,
+) -> np.ndarray:
+    """One embedding of a group of slides (a slide, or a patient's slides)."""
+    if spec.kind == "eagle":
+        return eagle_embedding(records, spec.encoder, int(spec.top_k or 0), aggregation)
+    if spec.kind == "chief":
+        return chief_embedding(records)
+    if spec.kind == "meanpool":
+        means = [r.means[spec.encoder] for r in records]
+        return weighted_mean([m for m, _ in means], [n for _, n in means])
+    members = list(dict.fromkeys(bag_ids(r, level) for r in records))
+    return weighted_mean(
+        [bags[b]["embedding"] for b in members], [bags[b]["n_tiles"] for b in members]
+    )
+
+
+def stages_of(spec: EmbeddingSpec) -> list[str]:
+    """The per-slide stages an embedding needs (keys of SlideRecord.cost)."""
+    selection = [f"features:{SELECTION_ENCODER}", "chief"]
+    if spec.kind == "eagle":
+        return [*selection, f"topk:{spec.encoder}"]
+    if spec.kind == "chief":
+        return selection
+    if spec.kind == "meanpool":
+        return [f"features:{spec.encoder}"]
+    return ["features:gigapath_tile"]
+
+
+def compute_row(
+    spec: EmbeddingSpec,
+    records: Sequence[SlideRecord],
+    bags: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Tile forwards, slide-level forwards and model seconds per slide of one embedding.
+
+    An EAGLE variant is costed as if run alone: CTransPath on every tile, CHIEF, and its k
+    second-stage forwards (its share of the largest-k run). Tiling is common to all embeddings
+    and not counted.
+    """
+    forwards = seconds = slide_forwards = 0.0
+    demo: set[str] = set()
+    for r in records:
+        for stage in stages_of(spec):
+            f, s = r.cost[stage]
+            if stage.startswith("topk:"):
+                used = min(int(spec.top_k or 0), len(r.topk[spec.encoder]["tile_index"]))
+                f, s = used, s * used / f if f else 0.0
+            forwards, seconds = forwards + f, seconds + s
+            demo |= r.demo[stage]
+        slide_forwards += 1 if spec.kind in ("eagle", "chief") else 0
+    if spec.kind == "slide_encoder":
+        slide_ids = {r.slide_id for r in records}
+        used_bags = [b for b in bags.values() if slide_ids & set(b["slides"])]
+        seconds += sum(b["seconds"] for b in used_bags)
+        slide_forwards = float(len(used_bags))
+        demo = demo.union(*(b["demo"] for b in used_bags))
+    n = max(len(records), 1)
+    return {
+        "embedding": spec.name,
+        "kind": spec.kind,
+        "description": spec.description,
+        "tile_forwards_per_slide": forwards / n,
+        "slide_forwards_per_slide": slide_forwards / n,
+        "seconds_per_slide": seconds / n,
+        "demo_weights": ",".join(sorted(demo)) or "none",
+    }
+
+
+def _table(
+    groups: Mapping[str, Sequence[SlideRecord]],
+    specs: Sequence[EmbeddingSpec],
+    aggregation: str,
+    bags: Mapping[str, Mapping[str, Any]],
+    level: str,
+) -> dict[str, np.ndarray]:
+    return {
+        spec.name: np.stack(
+            [embed_group(members, spec, aggregation, bags, level) for members in groups.values()]
+        )
+        for spec in specs
+    }
 
 
 def build_cohort_embeddings(
     slides: Sequence[dict[str, str]],
+    embeddings: Sequence[Mapping[str, Any]],
     attention_manifests: Sequence[str],
-    topk_manifests: Sequence[str],
+    feature_manifests: Mapping[str, Sequence[str]],
+    topk_manifests: Mapping[str, Sequence[str]],
+    slide_encoder_manifests: Mapping[str, Sequence[str]],
     params: dict[str, Any],
     slides_h5: str,
     patients_h5: str,
+    compute_csv: str,
+    stain_tables: Mapping[str, str] | None = None,
 ) -> None:
-    """The `embeddings_collect` rule: slides = [{slide_id, patient, cohort}] from the sheet."""
-    attention = {k: v for m in attention_manifests for k, v in read_manifest(m).items()}
-    topk = {k: v for m in topk_manifests for k, v in read_manifest(m).items()}
+    """The `embeddings_collect` rule: slides = [{slide_id, patient, cohort, stain}] from the sheet.
+
+    embeddings: the configured EmbeddingSpecs as dicts (report order); stain_tables: stain ->
+    path of a patient table built from that stain's slides only (tasks with `stain:`).
+    """
+    specs = [EmbeddingSpec(**e) for e in embeddings]
     aggregation = params["aggregation"]
-    per_slide: dict[str, SlideEmbeddings] = {}
-    for slide in sorted(slides, key=lambda s: s["slide_id"]):
-        sid = slide["slide_id"]
-        per_slide[sid] = load_slide_embeddings(sid, attention[sid], topk[sid])
-    demo = _demo_models([topk[s] for s in per_slide])
+    records = load_slide_records(slides, attention_manifests, feature_manifests, topk_manifests)
+    level_of = params.get("slide_encoder_levels", {})
+    bags = {name: load_bags(m) for name, m in slide_encoder_manifests.items()}
+    all_bags = {b: v for per in bags.values() for b, v in per.items()}
+    level = next(iter(level_of.values()), "patient")
+    demo = sorted(
+        set().union(
+            *(r.demo_models() for r in records.values()), *(b["demo"] for b in all_bags.values())
+        )
+    )
     if demo:
         log.warning("embeddings made with random DEMO weights of %s: not results", ", ".join(demo))
     common = {
         "format": EMBEDDINGS_FORMAT,
         "eagle_aggregation": aggregation,
-        "top_k": int(params["top_k"]),
+        "embeddings": [s.name for s in specs],
         "demo_weights": ",".join(demo) if demo else "none",
         "weights_demo": "true" if demo else "false",
         **provenance_attrs("embeddings_collect", params),
     }
-    ordered = sorted(slides, key=lambda s: s["slide_id"])
+    ordered = list(records.values())
+    # slide-level table: slide-encoder embeddings only where a bag is one slide
+    slide_specs = [s for s in specs if s.kind != "slide_encoder" or level_of.get(s.name) == "slide"]
     slide_data: dict[str, np.ndarray] = {
-        "slide": np.array([s["slide_id"] for s in ordered], dtype="S"),
-        "patient": np.array([s["patient"] for s in ordered], dtype="S"),
-        "cohort": np.array([s["cohort"] for s in ordered], dtype="S"),
-        "eagle": np.stack(
-            [
-                per_slide[s["slide_id"]].eagle_mean
-                if aggregation == "mean"
-                else per_slide[s["slide_id"]].eagle_softmax
-                for s in ordered
-            ]
-        ),
-        "chief": np.stack([per_slide[s["slide_id"]].chief for s in ordered]),
-        "meanpool": np.stack([per_slide[s["slide_id"]].meanpool for s in ordered]),
-        "n_tiles": np.array([per_slide[s["slide_id"]].n_tiles for s in ordered], dtype=np.int64),
+        "slide": np.array([r.slide_id for r in ordered], dtype="S"),
+        "patient": np.array([r.patient for r in ordered], dtype="S"),
+        "cohort": np.array([r.cohort for r in ordered], dtype="S"),
+        "stain": np.array([r.stain for r in ordered], dtype="S"),
+        **_table({r.slide_id: [r] for r in ordered}, slide_specs, aggregation, all_bags, level),
+        "n_tiles": np.array([r.n_tiles for r in ordered], dtype=np.int64),
     }
     write_h5(slides_h5, slide_data, {**common, "level": "slide"})
-    patients = sorted({s["patient"] for s in ordered})
-    rows = []
-    for patient in patients:
-        members = [per_slide[s["slide_id"]] for s in ordered if s["patient"] == patient]
-        rows.append(patient_embeddings(members, int(params["top_k"])))
-    cohort_of = {s["patient"]: s["cohort"] for s in ordered}
-    patient_data: dict[str, np.ndarray] = {
-        "patient": np.array(patients, dtype="S"),
-        "cohort": np.array([cohort_of[p] for p in patients], dtype="S"),
-        "eagle": np.stack([r["eagle" if aggregation == "mean" else "eagle_softmax"] for r in rows]),
-        "chief": np.stack([r["chief"] for r in rows]),
-        "meanpool": np.stack([r["meanpool"] for r in rows]),
-        "n_slides": np.array(
-            [sum(s["patient"] == p for s in ordered) for p in patients], dtype=np.int64
-        ),
-    }
-    write_h5(patients_h5, patient_data, {**common, "level": "patient"})
+    tables = {None: patients_h5, **(stain_tables or {})}
+    for stain, path in tables.items():
+        chosen = [r for r in ordered if stain is None or r.stain == stain]
+        groups: dict[str, list[SlideRecord]] = {}
+        for r in chosen:
+            groups.setdefault(r.patient, []).append(r)
+        groups = dict(sorted(groups.items()))
+        cohort_of = {r.patient: r.cohort for r in chosen}
+        patient_data: dict[str, np.ndarray] = {
+            "patient": np.array(list(groups), dtype="S"),
+            "cohort": np.array([cohort_of[p] for p in groups], dtype="S"),
+            **_table(groups, specs, aggregation, all_bags, level),
+            "n_slides": np.array([len(m) for m in groups.values()], dtype=np.int64),
+        }
+        write_h5(path, patient_data, {**common, "level": "patient", "stain": stain or "all"})
+    compute = pd.DataFrame(
+        [compute_row(spec, ordered, bags.get(spec.name, {})) for spec in specs],
+        columns=COMPUTE_COLUMNS,
+    )
+    write_csv(compute, compute_csv)
     log.info(
-        "%d slides, %d patients -> %s, %s", len(ordered), len(patients), slides_h5, patients_h5
+        "%d slides, %d embeddings -> %s, %s, %s",
+        len(ordered),
+        len(specs),
+        slides_h5,
+        patients_h5,
+        compute_csv,
     )

@@ -121,6 +121,9 @@ SLIDE_ENCODERS: dict[str, SlideEncoder] = {
     "gigapath_slide": SlideEncoder("gigapath_slide", "gigapath_slide", "gigapath_tile", 768),
 }
 
+# The embeddings of the default config (EAGLE, CHIEF, mean-pooled CTransPath).
+DEFAULT_EMBEDDING_NAMES: tuple[str, ...] = ("eagle", "chief", "meanpool_ctranspath")
+
 EmbeddingKind = Literal["eagle", "chief", "meanpool", "slide_encoder"]
 
 
@@ -235,3 +238,13 @@ def required_models(config: Mapping[str, Any], stains: Sequence[str]) -> list[st
     for name in config.get("slide_encoders") or {}:
         models.append(SLIDE_ENCODERS[name].model)
     return list(dict.fromkeys(models))
+
+
+def check_embedding_names(where: str, names: Sequence[str], known: Sequence[str]) -> None:
+    """Names a config section compares must be embeddings the config makes."""
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        renamed = " ('meanpool' is now 'meanpool_ctranspath')" if "meanpool" in unknown else ""
+        raise EncoderConfigError(
+            f"{where}: unknown embedding(s) {unknown}; this config makes {list(known)}{renamed}"
+        )

@@ -1,4 +1,4 @@
-"""Tile reading for the model stages and the CTransPath feature stage (tiles -> features H5).
+"""Tile reading for the model stages and the tile-encoder stage (tiles -> features H5 per encoder).
 
 Tiles are re-read from the slide with the geometry recorded in the tiles file, by reader threads
 (eagleflow.tilereader) that decode while the model computes; one model load serves every slide
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eagleflow.batches import slides_to_compute, stage_params_sha256, write_manifest
-from eagleflow.h5io import FEATURES_FORMAT, read_attrs, read_tiles, write_h5
-from eagleflow.provenance import provenance_attrs
+from eagleflow.encoders import DEFAULT_STAIN, TILE_ENCODERS
+from eagleflow.feature_files import FEATURES_FORMAT, FEATURES_SHAPES, write_tile_features
+from eagleflow.h5io import read_tiles, validate_tiles
+from eagleflow.model_stage import (
+    Models,
+    Pending,
+    StageOutput,
+    run_model_stage,
+)
 from eagleflow.tilereader import SlideTileReader, iter_slide_tiles
-from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,11 @@ GEOMETRY_ATTRS = (
     "read_level",
     "read_level_downsample",
 )
-FEATURES_SHAPES = {"feats": ("N", 768), "coords": ("N", 2)}
+
+
+def features_shapes(dim: int) -> dict[str, tuple[int | str | None, ...]]:
+    """The dataset shapes of one encoder's feature files."""
+    return {**FEATURES_SHAPES, "feats": ("N", dim), "feats_mean": (dim,)}
 
 
 @dataclass(frozen=True)
@@ -120,28 +130,14 @@ def iter_tile_batches(
         yield np.array(slide_index, dtype=np.int64), np.array(tile_index, dtype=np.int64), tensor
 
 
-def runtime_settings(config: dict[str, Any], stage: str = "features") -> dict[str, Any]:
+def runtime_settings(config: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """Device, batch size and reader workers of a model stage (they do not change results)."""
     features = config["features"]
     return {
         "device": features["device"],
         "num_workers": features["num_workers"],
-        "batch_size": config[stage]["batch_size"],
+        "batch_size": batch_size,
     }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this node")
-    return torch.device(device)
-
-
-def configure_torch(threads: int, seed: int = 0) -> None:
-    """Same threads and seed every run, so CPU outputs are bit-identical between runs."""
-    torch.set_num_threads(max(1, threads))
-    torch.manual_seed(seed)
 
 
 def embed_slides(
@@ -153,86 +149,128 @@ def embed_slides(
     num_workers: int,
     transpose: bool = False,
     desc: str = "tiles",
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Run `model` over every tile of every slide; yield (slide index, float32 [N, D]) per slide.
+) -> Iterator[tuple[int, np.ndarray, float]]:
+    """Run `model` over every tile of every slide; yield (slide index, float32 [N, D], seconds).
 
     A slide is yielded as soon as its last tile is embedded, so its file can be written at once.
+    Seconds are the model's time (preprocessing, forward, copy back) on that slide's tiles: a
+    batch shared by two slides is split by tile count. Reading overlaps and is not counted.
     """
     from eagleflow.models import autocast_context, preprocess_tiles
 
     pending: dict[int, list[np.ndarray]] = {}
     counts = {i: len(g.coords) for i, g in enumerate(slides)}
-    done = {i: 0 for i in counts}
+    done = dict.fromkeys(counts, 0)
+    seconds = dict.fromkeys(counts, 0.0)
     for i, n in counts.items():
         if n == 0:
-            yield i, np.zeros((0, 0), dtype=np.float32)
-    total = sum(counts.values())
-    progress = tqdm(total=total, desc=desc, unit="tile", mininterval=2.0)
+            yield i, np.zeros((0, 0), dtype=np.float32), 0.0
+    progress = tqdm(total=sum(counts.values()), desc=desc, unit="tile", mininterval=2.0)
     batches = iter_tile_batches(
         slides, batch_size, num_workers, transpose, pin_memory=device.type == "cuda"
     )
     with torch.inference_mode():
         for slide_index, _tile_index, tiles in batches:
+            started = time.perf_counter()
             x = preprocess_tiles(model_name, tiles, device=device)
             with autocast_context(device):
                 features = model(x)
             features = features.float().cpu().numpy()
-            for s in np.unique(slide_index):
+            per_tile = (time.perf_counter() - started) / len(tiles)
+            for s in np.unique(slide_index).tolist():
                 rows = slide_index == s
-                pending.setdefault(int(s), []).append(features[rows])
-                done[int(s)] += int(rows.sum())
-                if done[int(s)] == counts[int(s)]:
-                    yield int(s), np.concatenate(pending.pop(int(s)))
+                pending.setdefault(s, []).append(features[rows])
+                done[s] += int(rows.sum())
+                seconds[s] += per_tile * int(rows.sum())
+                if done[s] == counts[s]:
+                    yield s, np.concatenate(pending.pop(s)), seconds[s]
             progress.update(len(tiles))
     progress.close()
 
 
-def run_ctranspath_batch(
-    slides: Sequence[dict[str, str]],
-    model_cfg: dict[str, Any],
+def warn_untrained_stains(encoder: str, slides: Sequence[Pending]) -> None:
+    """An encoder trained on H&E only says so when it embeds IHC slides."""
+    trained = TILE_ENCODERS[encoder].trained_stains
+    for p in slides:
+        stain = p.slide.get("stain", DEFAULT_STAIN)
+        if stain not in trained:
+            log.warning(
+                "%s: a %s slide embedded by %s, which was trained on %s slides only",
+                p.slide["slide_id"],
+                stain,
+                encoder,
+                " and ".join(trained),
+            )
+
+
+def run_tile_encoder_batch(
+    encoder: str,
+    slides: Sequence[dict[str, Any]],
+    models_cfg: Mapping[str, Mapping[str, Any]],
     params: dict[str, Any],
     manifest: str,
     threads: int = 1,
 ) -> None:
-    """The `features_ctranspath` rule: for each slide {slide_id, slide_path, tiles, output}."""
-    from eagleflow.models import load_model, weights_attrs
+    """The `features_encode_tiles` rule for one encoder: every tile of every slide of a batch.
 
-    configure_torch(threads)
-    info = resolve_configured("ctranspath", model_cfg)
-    params_sha256 = stage_params_sha256("features_ctranspath", info.sha256, extractor="ctranspath")
-    todo = slides_to_compute(
-        slides, "tiles", read_attrs, FEATURES_FORMAT, FEATURES_SHAPES, params_sha256, "features"
+    slides: {slide_id, slide_path, tiles, output, stain}. A slide's model is the encoder's for
+    its stain (PathoDuet: the H&E or the IHC checkpoint); each model streams its slides once.
+    """
+    spec = TILE_ENCODERS[encoder]
+
+    def compute(todo: list[Pending], models: Models):
+        warn_untrained_stains(encoder, todo)
+        for model_name in dict.fromkeys(p.model for p in todo):
+            group = [p for p in todo if p.model == model_name]
+            geometries = [
+                TileGeometry.from_tiles_file(p.slide["tiles"], p.slide["slide_path"]) for p in group
+            ]
+            for index, feats, seconds in embed_slides(
+                models[model_name],
+                model_name,
+                geometries,
+                models.device,
+                int(params["batch_size"]),
+                int(params["num_workers"]),
+                desc=encoder,
+            ):
+                p = group[index]
+                attrs = {
+                    **{key: p.input_attrs[key] for key in GEOMETRY_ATTRS},
+                    "stain": p.slide.get("stain", DEFAULT_STAIN),
+                    "tile_forwards": len(feats),
+                    "compute_seconds": seconds,
+                }
+                datasets = {
+                    "feats": feats.reshape(-1, spec.dim),
+                    "coords": geometries[index].coords,
+                }
+                yield p, datasets, attrs
+
+    def write(path: str, data: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        write_tile_features(
+            path,
+            data["feats"],
+            data["coords"],
+            mpp=float(attrs["mpp"]),
+            tile_size_px=int(attrs["tile_px"]),
+            tile_size_um=float(attrs["tile_size_um"]),
+            encoder=encoder,
+            attrs=attrs,
+        )
+
+    run_model_stage(
+        "features_encode_tiles",
+        slides,
+        input_key="tiles",
+        read_input=validate_tiles,
+        model_of=lambda slide: spec.model_for(slide.get("stain", DEFAULT_STAIN)),
+        models_cfg=models_cfg,
+        settings={"encoder": encoder},
+        output=StageOutput(FEATURES_FORMAT, features_shapes(spec.dim), write),
+        compute=compute,
+        manifest=manifest,
+        device=params["device"],
+        threads=threads,
+        what=f"{encoder} features",
     )
-    if todo:
-        device = resolve_device(params["device"])
-        model = load_model("ctranspath", info, device=device)  # info: already hashed and checked
-        geometries = [TileGeometry.from_tiles_file(s["tiles"], s["slide_path"]) for s, _ in todo]
-        for index, feats in embed_slides(
-            model,
-            "ctranspath",
-            geometries,
-            device,
-            int(params["batch_size"]),
-            int(params["num_workers"]),
-            desc="CTransPath",
-        ):
-            slide, tiles_attrs = todo[index]
-            attrs = {
-                "format": FEATURES_FORMAT,
-                "extractor": "ctranspath",
-                "feature_dim": 768,
-                "device": str(device),
-                "precision": "fp32" if device.type == "cpu" else "bf16 autocast",
-                **{key: tiles_attrs[key] for key in GEOMETRY_ATTRS},
-                **weights_attrs(info),
-                "params_sha256": params_sha256,
-                "input_sha256": str(tiles_attrs["content_sha256"]),
-                **provenance_attrs("features_ctranspath", params),
-            }
-            write_h5(
-                slide["output"],
-                {"feats": feats.reshape(-1, 768), "coords": geometries[index].coords},
-                attrs,
-            )
-            log.info("%s: %d tiles -> %s", slide["slide_id"], len(feats), slide["output"])
-    write_manifest(manifest, slides, info.is_demo)

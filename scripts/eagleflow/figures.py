@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from eagleflow.h5io import EMBEDDING_NAMES, atomic_path, read_attrs
+from eagleflow.encoders import DEFAULT_EMBEDDING_NAMES
+from eagleflow.h5io import atomic_path, read_attrs
 from eagleflow.predictions import external_sets, read_predictions
 from eagleflow.provenance import provenance_attrs
 from eagleflow.sheets import read_clinical_table
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 DEMO_TEXT = "DEMO WEIGHTS: not a result"
 
 
-COLORS = dict(zip(EMBEDDING_NAMES, ("tab:red", "tab:blue", "tab:green"), strict=True))
+COLORS = dict(zip(DEFAULT_EMBEDDING_NAMES, ("tab:red", "tab:blue", "tab:green"), strict=True))
 
 
 def _color(embedding: str, index: int) -> str:

@@ -246,6 +246,7 @@ def summary_html(
     attrs: Mapping[str, Any],
     comparison: pd.DataFrame | None = None,
     reference: str = "eagle",
+    note: str | None = None,
 ) -> str:
     """One self-contained page with the run's tables (for the Snakemake report).
 
@@ -269,6 +270,8 @@ def summary_html(
             "<p class='demo'>DEMO WEIGHTS: not a result (random weights for "
             f"{html.escape(', '.join(dict.fromkeys(demo_models)))})</p>"
         )
+    if note:
+        parts.append(f"<p class='demo'>{html.escape(note)}</p>")
     if comparison is not None:
         parts.append(
             "<h2>Comparison of slide representations</h2><p>MLP head, per task, set and "
@@ -329,6 +332,7 @@ def summarize_run(
     compute_csv: str | None = None,
     comparison_csv: str | None = None,
     reference: str = "eagle",
+    note: str | None = None,
 ) -> None:
     """The `evaluation_summary` rule: concatenated tables; BH over all DeLong tests of the run.
 
@@ -353,5 +357,7 @@ def summarize_run(
     if comparison_csv is not None:
         write_csv(comparison, comparison_csv)
     attrs = read_attrs(patients_h5) | {"code_version": code_version()}
-    page = summary_html(metric_table, delong_table, fewshot_table, attrs, comparison, reference)
+    page = summary_html(
+        metric_table, delong_table, fewshot_table, attrs, comparison, reference, note
+    )
     atomic_write_bytes(html_path, page.encode())

@@ -19,11 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from eagleflow.encoders import DEFAULT_STAIN, STAINS
+from eagleflow.encoders import DEFAULT_EMBEDDING_NAMES, DEFAULT_STAIN, STAINS
 from eagleflow.errors import EagleflowError
-from eagleflow.h5io import (
-    EMBEDDING_NAMES,
-)
 from eagleflow.sheets import ID_PATTERN, normalise_stain
 
 log = logging.getLogger(__name__)
@@ -120,6 +117,7 @@ def validate_tasks(
     slides: pd.DataFrame,
     folds: int = 5,
     clinical_path: str = "the clinical table",
+    embedding_names: Sequence[str] = DEFAULT_EMBEDDING_NAMES,
 ) -> dict[str, TaskSpec]:
     """Check every task against the sheets; return name -> TaskSpec, or raise listing all problems.
 
@@ -148,7 +146,7 @@ def validate_tasks(
         label = cfg.get("label", name)
         train = list(cfg.get("train_cohorts") or [])
         external = list(cfg.get("external_cohorts") or [])
-        embeddings = list(cfg.get("embeddings") or EMBEDDING_NAMES)
+        embeddings = list(cfg.get("embeddings") or embedding_names)
         stain = cfg.get("stain")
         before = len(problems)
         if stain is not None:
@@ -177,10 +175,11 @@ def validate_tasks(
                 f"{where}: cohort {cohort!r} is both a train and an external cohort; an external "
                 "cohort must be unseen in training. Remove it from one of the lists."
             )
-        unknown = [e for e in embeddings if e not in EMBEDDING_NAMES]
+        unknown = [e for e in embeddings if e not in embedding_names]
         if unknown:
             problems.append(
-                f"{where}: unknown embedding(s) {unknown}; choose from {list(EMBEDDING_NAMES)}"
+                f"{where}: unknown embedding(s) {unknown}; this config makes {list(embedding_names)}"
+                + (" ('meanpool' is now 'meanpool_ctranspath')" if "meanpool" in unknown else "")
             )
         if len(set(embeddings)) != len(embeddings):
             problems.append(f"{where}: embeddings {embeddings} lists one twice")
