@@ -64,7 +64,7 @@ def fabricate_cohort(
             "cohort": np.array(cohorts, dtype="S"),
             "eagle": eagle.astype(np.float32),
             "chief": chief.astype(np.float32),
-            "meanpool": meanpool.astype(np.float32),
+            "meanpool_ctranspath": meanpool.astype(np.float32),
             "n_slides": np.ones(len(patients), dtype=np.int64),
         },
         {
@@ -107,7 +107,7 @@ def test_validate_tasks_returns_specs(cohort):
     )
     assert specs["BIN"].classes == ("A", "B") and specs["BIN"].positive_class == "B"
     assert specs["BIN"].class_counts == {"A": 14, "B": 15}
-    assert specs["BIN"].embeddings == ("eagle", "chief", "meanpool")
+    assert specs["BIN"].embeddings == ("eagle", "chief", "meanpool_ctranspath")
     assert specs["MC"].classes == ("1", "2", "3") and specs["MC"].positive_class is None
     assert TaskSpec.from_params(specs["BIN"].params()) == specs["BIN"]
     explicit = validate_tasks({"BIN": task_config(positive_class="A")}, table, slides)

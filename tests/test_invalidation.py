@@ -16,22 +16,31 @@ from hostile_helpers import make_tiling_workdir, tiling_args
 from workflow_helpers import FAST, REPO, SNAKEMAKE, job_counts, run
 
 from eagleflow.batches import assign_batches, batch_of
+from eagleflow.h5io import read_attrs
 from eagleflow.sheets import read_slide_sheet
 
 pytestmark = pytest.mark.workflow
 
-BATCH_RULES = ("features_ctranspath", "attention_chief", "eagle_virchow2_topk")
-# Demo tasks SUBTYPE and GRADE, three embeddings each: what a new embeddings table plans below it.
+BATCH_RULES = ("features_encode_tiles", "attention_chief", "eagle_embed_topk")
+EAGLE_GRID = "224px_2mpp"
+# Demo tasks SUBTYPE and GRADE, three embeddings each (eagle, chief, meanpool_ctranspath).
 TASKS, EMBEDDINGS = 2, 3
-HEADS = {
-    "heads_mlp_crossval": TASKS * EMBEDDINGS,
-    "heads_fewshot": TASKS * EMBEDDINGS,
-    "evaluation_metrics": TASKS,
-    "evaluation_figures": TASKS,
-    "evaluation_summary": 1,
-    "evaluation_umap": 1,
-    "evaluation_retrieval": 1,
-}
+
+
+def heads(embeddings: int = EMBEDDINGS) -> dict[str, int]:
+    """What a new embeddings table plans below it, with this many embeddings per task."""
+    return {
+        "heads_mlp_crossval": TASKS * embeddings,
+        "heads_fewshot": TASKS * embeddings,
+        "evaluation_metrics": TASKS,
+        "evaluation_figures": TASKS,
+        "evaluation_summary": 1,
+        "evaluation_umap": 1,
+        "evaluation_retrieval": 1,
+    }
+
+
+HEADS = heads()
 
 
 def plan(workdir: Path, *extra: str, snakefile: Path | None = None) -> dict[str, int]:
@@ -85,7 +94,7 @@ def test_a_lost_qc_picture_is_remade_and_a_lost_intermediate_is_not(finished_dem
             f"results/qc/tiles/{slide}.png",
             expected(tiles=1, batches=1, from_stage="tiling_tile_slide", thumbnails=1),
         ),
-        (f"results/tiles/{slide}.h5", {}),
+        (f"results/tiles/{EAGLE_GRID}/{slide}.h5", {}),
     ):
         path = finished_demo / lost
         kept = path.with_name(path.name + ".kept")
@@ -105,12 +114,50 @@ def test_tiling_threshold_reruns_everything(finished_demo):
     )
 
 
-def test_top_k_reruns_virchow2_and_below_only(finished_demo):
-    len(slides_of(finished_demo))
+def test_top_k_reruns_the_second_stage_and_below_only(finished_demo):
     override = write_override(finished_demo, "topk.yaml", "eagle:\n  top_k: 3\n")
     assert plan(finished_demo, override) == expected(
-        batches=2, from_stage="eagle_virchow2_topk", thumbnails=2
+        batches=2, from_stage="eagle_embed_topk", thumbnails=2
     )
+
+
+def test_a_top_k_list_runs_the_second_stage_once_on_the_largest_k(finished_demo):
+    """The paper's k ablation: a smaller k added to the list is the first rows of the files
+    already made (no forward); a larger k reruns the second stage once."""
+    smaller = write_override(finished_demo, "ks.yaml", "eagle:\n  top_k: [2, 1]\n")
+    assert plan(finished_demo, smaller) == {"embeddings_collect": 1, **heads(EMBEDDINGS + 1)}
+    larger = write_override(finished_demo, "kl.yaml", "eagle:\n  top_k: [2, 3]\n")
+    assert plan(finished_demo, larger) == {
+        **expected(batches=2, from_stage="eagle_embed_topk", thumbnails=2),
+        **heads(EMBEDDINGS + 1),
+    }
+
+
+def test_another_eagle_encoder_plans_its_top_k_stage_not_ctranspath_or_chief(finished_demo):
+    override = write_override(
+        finished_demo,
+        "eaglefm.yaml",
+        "eagle:\n  encoder: pathoduet\nmodels:\n  pathoduet_he:\n    weights: demo\n",
+    )
+    assert plan(finished_demo, override) == expected(
+        batches=2, from_stage="eagle_embed_topk", thumbnails=2
+    )
+
+
+PATHODUET = "models:\n  pathoduet_he:\n    weights: demo\n"
+
+
+def test_an_encoder_on_an_existing_grid_plans_only_its_features_and_below(finished_demo):
+    override = write_override(
+        finished_demo,
+        "same_grid.yaml",
+        "tile_encoders:\n  pathoduet:\n    tile_px: 224\n    tile_mpp: 2.0\n" + PATHODUET,
+    )
+    assert plan(finished_demo, override) == {
+        "features_encode_tiles": 2,  # pathoduet's two batches; no tiling, no CTransPath
+        "embeddings_collect": 1,
+        **heads(EMBEDDINGS + 1),
+    }
 
 
 def test_virchow2_weights_setting_reruns_virchow2_and_below_only(finished_demo):
@@ -121,7 +168,7 @@ def test_virchow2_weights_setting_reruns_virchow2_and_below_only(finished_demo):
         "models:\n  virchow2:\n    weights: demo\n    verify_sha256: false\n",
     )
     assert plan(finished_demo, override) == expected(
-        batches=2, from_stage="eagle_virchow2_topk", thumbnails=2
+        batches=2, from_stage="eagle_embed_topk", thumbnails=2
     )
 
 
@@ -185,7 +232,7 @@ EDITS = {
     # a module of one stage's own: that stage and below
     "attention.py": expected(batches=2, from_stage="attention_chief", thumbnails=2),
     # the models package that every model stage imports (a hand list had missed it)
-    "models/__init__.py": expected(batches=2, from_stage="features_ctranspath", thumbnails=2),
+    "models/__init__.py": expected(batches=2, from_stage="features_encode_tiles", thumbnails=2),
     # a module only the retrieval figure runs
     "retrieval.py": {"evaluation_retrieval": 1},
     # the demo generator is no stage's code
@@ -289,3 +336,33 @@ def test_tiling_follows_the_slides_content_not_their_paths(tmp_path):
 
     write_pyramid(archive / "S1.tif", tissue_image(2048, 1536, seed=7), 0.5)
     assert job_counts(run([*tiling_args(work), "-n"], cwd=work).stdout)["tiling_tile_slide"] == 1
+
+
+def test_an_encoder_on_a_new_grid_tiles_once_and_keeps_every_finished_file(finished_demo, tmp_path):
+    """A new grid is written by the slide's one tiling job (one tissue mask for all grids): every
+    slide is tiled again, the existing grid's files come out identical, so the stages below them
+    keep every slide's file (their jobs run and find them up to date); only the new encoder
+    computes. Then nothing is planned."""
+    work = copy_project(finished_demo, tmp_path / "demo")
+    override = write_override(
+        work,
+        "new_grid.yaml",
+        "tile_encoders:\n  pathoduet:\n    tile_px: 224\n    tile_mpp: 4.0\n" + PATHODUET,
+    )
+    counts = plan(work, override)
+    assert counts["tiling_tile_slide"] == len(slides_of(work))
+    assert counts["features_encode_tiles"] == 4  # two encoders x two batches
+    folders = ("results/features/ctranspath", "results/attention", "results/eagle")
+    tiles = work / "results" / "tiles" / EAGLE_GRID
+    tile_digests = {p.name: read_attrs(p)["content_sha256"] for p in tiles.glob("*.h5")}
+    before = output_stamps(work, *folders)
+    run([*SNAKEMAKE, "--cores", "2", "--directory", str(work), *FAST, override], cwd=work)
+    assert {p.name: read_attrs(p)["content_sha256"] for p in tiles.glob("*.h5")} == tile_digests
+    assert output_stamps(work, *folders) == before  # not rewritten: same bytes, same mtimes
+    assert len(list((work / "results" / "tiles" / "224px_4mpp").glob("*.h5"))) == len(
+        slides_of(work)
+    )
+    assert len(list((work / "results" / "features" / "pathoduet").glob("*.h5"))) == len(
+        slides_of(work)
+    )
+    assert plan(work, override) == {}

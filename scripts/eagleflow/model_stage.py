@@ -100,8 +100,8 @@ def run_model_stage(
     rule: str,
     slides: Sequence[dict[str, Any]],
     *,
-    input_key: str,
-    read_input: Callable[[str], Mapping[str, Any]],
+    input_key: str | None,
+    read_input: Callable[[Any], Mapping[str, Any]],
     model_of: Callable[[dict[str, Any]], str],
     models_cfg: Mapping[str, Mapping[str, Any]],
     settings: Mapping[str, Any],
@@ -112,7 +112,8 @@ def run_model_stage(
     threads: int = 1,
     what: str = "output",
 ) -> None:
-    """Run one batch job of a model stage; `slides` rows carry `slide_id`, `output`, `input_key`.
+    """Run one batch job of a model stage; `slides` rows carry `slide_id`, `output`, `input_key`
+    (read_input gets `slide[input_key]`, or the whole row when input_key is None: a bag).
 
     `settings` are what change the stage's results (they enter each file's params_sha256 with
     the stage's code and the weights); finished, valid, same-input outputs are kept.
@@ -124,8 +125,14 @@ def run_model_stage(
         name: stage_params_sha256(rule, str(infos[name].sha256), **settings) for name in needed
     }
     todo = []
+    upstream_demo = False
     for slide in slides:
-        attrs = read_input(slide[input_key])
+        attrs = read_input(slide if input_key is None else slide[input_key])
+        upstream_demo |= any(
+            value == "true"
+            for key, value in upstream_weights(attrs).items()
+            if key.endswith("_demo")
+        )
         model = model_of(slide)
         if is_up_to_date(
             slide["output"],
@@ -159,4 +166,5 @@ def run_model_stage(
                 },
             )
             log.info("%s: %s -> %s", pending.slide["slide_id"], what, pending.slide["output"])
-    write_manifest(manifest, slides, any(info.is_demo for info in infos.values()))
+    demo = upstream_demo or any(info.is_demo for info in infos.values())
+    write_manifest(manifest, slides, demo)

@@ -26,13 +26,11 @@ import h5py
 import numpy as np
 import torch
 
-from eagleflow.batches import digest, is_up_to_date, stage_params_sha256, write_manifest
+from eagleflow.batches import digest
 from eagleflow.errors import EagleflowError
-from eagleflow.h5io import FormatError, write_h5
-from eagleflow.model_stage import configure_torch, resolve_device
+from eagleflow.h5io import FormatError
+from eagleflow.model_stage import Models, Pending, StageOutput, run_model_stage
 from eagleflow.models import gigapath_slide as gs
-from eagleflow.provenance import provenance_attrs
-from eagleflow.weights import resolve_configured
 
 log = logging.getLogger(__name__)
 
@@ -306,84 +304,80 @@ def run_slide_encoder_batch(
     params: level ("patient" or "slide", recorded; the rule makes the bags), layer (0..12,
     default 11: layer 11's pooled output, as TRIDENT) and device.
     """
-    from eagleflow.models import load_model, weights_attrs
-
-    configure_torch(threads)
     level, layer = _check_params(params)
-    info = resolve_configured(MODEL, model_cfg)
-    params_sha256 = stage_params_sha256(STAGE, info.sha256, level=level, layer=layer)
-    model = device = None
-    demo = info.is_demo
-    for bag in bags:
-        inputs = _bag_inputs(bag, level)
-        demo = demo or inputs.tile_weights[TILE_WEIGHT_ATTRS[0]] == "true"
-        if is_up_to_date(
-            bag["output"],
-            SLIDE_EMBEDDING_FORMAT,
-            SLIDE_EMBEDDING_SHAPES,
-            params_sha256,
-            inputs.input_sha256,
-        ):
-            log.info("%s: slide embedding up to date, skipped", inputs.bag_id)
-            continue
-        slides = [read_bag_slide(path) for path in inputs.paths]
-        if sum(len(s.feats) for s in slides) == 0:
-            raise SlideLayoutError(f"{inputs.bag_id}: no tiles in its slides {inputs.slide_ids}")
-        # Tile units are one frame only if every slide's tiles cover the same µm.
-        grid = {
-            key: _one_value([s.attrs.get(key) for s in slides], key, inputs.bag_id)
-            for key in ("tile_px", "tile_mpp", "tile_size_um")
-        }
-        try:
-            feats, positions, tile_index = bag_tokens(slides, inputs.slide_ids)
-        except SlideLayoutError as err:
-            raise SlideLayoutError(
-                f"{inputs.bag_id} (slides {', '.join(inputs.slide_ids)}): {err}"
-            ) from err
-        if model is None:  # one load per job, and none when every bag is up to date
-            device = resolve_device(str(params.get("device", "cpu")))
-            model = load_model(MODEL, info, device=device)
-        embedding, seconds = encode_tokens(model, feats, positions, layer, device)
-        slide_tiles = np.array([len(s.feats) for s in slides], dtype=np.int64)
-        attrs = {
-            "format": SLIDE_EMBEDDING_FORMAT,
-            "encoder": MODEL,
-            "bag": inputs.bag_id,
-            "patient": str(bag["patient"]),
-            "level": level,
-            "layer": layer,
-            "pooling": "mean of the tile tokens, then norm (global_pool)",
-            "n_tiles": int(slide_tiles.sum()),
-            "n_slides": len(slides),
-            "layout": LAYOUT,
-            "token_order": TOKEN_ORDER,
-            "model_tile_size": MODEL_TILE_SIZE,
-            **grid,
-            "device": str(device),
-            "precision": "fp32" if device.type == "cpu" else "bf16 autocast",
-            **weights_attrs(info),
-            **inputs.tile_weights,
-            "params_sha256": params_sha256,
-            "input_sha256": inputs.input_sha256,
-            **provenance_attrs(STAGE, params),
-            "compute_seconds": seconds,
-            "tile_forwards": 0,
-            "slide_forwards": 1,
-        }
-        datasets = {
-            "embedding": embedding.astype(np.float32),
-            "positions": positions,
-            "tile_index": tile_index,
-            "slide_order": np.array([sid.encode() for sid in inputs.slide_ids]),
-            "slide_tiles": slide_tiles,
-        }
-        write_h5(bag["output"], datasets, attrs)
-        log.info(
-            "%s: LongNet over %d tiles of %d slide(s) in %.2f s -> %s",
-            inputs.bag_id,
-            len(positions),
-            len(slides),
-            seconds,
-            bag["output"],
-        )
-    write_manifest(manifest, bags, demo)
+    inputs: dict[str, _BagInputs] = {}
+
+    def read_input(bag: Mapping[str, Any]) -> dict[str, Any]:
+        inputs[str(bag["slide_id"])] = found = _bag_inputs(bag, level)
+        return {"content_sha256": found.input_sha256, **found.tile_weights}
+
+    def compute(todo: list[Pending], models: Models):
+        for p in todo:
+            bag = inputs[str(p.slide["slide_id"])]
+            slides = [read_bag_slide(path) for path in bag.paths]
+            if sum(len(s.feats) for s in slides) == 0:
+                raise SlideLayoutError(f"{bag.bag_id}: no tiles in its slides {bag.slide_ids}")
+            # Tile units are one frame only if every slide's tiles cover the same µm.
+            grid = {
+                key: _one_value([s.attrs.get(key) for s in slides], key, bag.bag_id)
+                for key in ("tile_px", "tile_mpp", "tile_size_um")
+            }
+            try:
+                feats, positions, tile_index = bag_tokens(slides, bag.slide_ids)
+            except SlideLayoutError as err:
+                raise SlideLayoutError(
+                    f"{bag.bag_id} (slides {', '.join(bag.slide_ids)}): {err}"
+                ) from err
+            embedding, seconds = encode_tokens(
+                models[MODEL], feats, positions, layer, models.device
+            )
+            slide_tiles = np.array([len(s.feats) for s in slides], dtype=np.int64)
+            attrs = {
+                "format": SLIDE_EMBEDDING_FORMAT,
+                "encoder": MODEL,
+                "bag": bag.bag_id,
+                "patient": str(p.slide["patient"]),
+                "level": level,
+                "layer": layer,
+                "pooling": "mean of the tile tokens, then norm (global_pool)",
+                "n_tiles": int(slide_tiles.sum()),
+                "n_slides": len(slides),
+                "layout": LAYOUT,
+                "token_order": TOKEN_ORDER,
+                "model_tile_size": MODEL_TILE_SIZE,
+                **grid,
+                "compute_seconds": seconds,
+                "tile_forwards": 0,
+                "slide_forwards": 1,
+            }
+            datasets = {
+                "embedding": embedding.astype(np.float32),
+                "positions": positions,
+                "tile_index": tile_index,
+                "slide_order": np.array([sid.encode() for sid in bag.slide_ids]),
+                "slide_tiles": slide_tiles,
+            }
+            log.info(
+                "%s: LongNet over %d tiles of %d slide(s) in %.2f s",
+                bag.bag_id,
+                len(positions),
+                len(slides),
+                seconds,
+            )
+            yield p, datasets, attrs
+
+    run_model_stage(
+        STAGE,
+        bags,
+        input_key=None,
+        read_input=read_input,
+        model_of=lambda bag: MODEL,
+        models_cfg={MODEL: model_cfg},
+        settings={"level": level, "layer": layer},
+        output=StageOutput(SLIDE_EMBEDDING_FORMAT, SLIDE_EMBEDDING_SHAPES),
+        compute=compute,
+        manifest=manifest,
+        device=str(params.get("device", "cpu")),
+        threads=threads,
+        what="slide embedding",
+    )
