@@ -60,7 +60,9 @@ check_sheets_agree(
     config["sheets"]["allow_patients_without_slides"],
 )
 SLIDE_STAINS = (
-    SLIDES["STAIN"].to_dict() if "STAIN" in SLIDES else dict.fromkeys(SLIDES.index, "HE")
+    SLIDES["STAIN"].to_dict()
+    if "STAIN" in SLIDES
+    else dict.fromkeys(SLIDES.index, "HE")
 )
 STAINS = sorted(set(SLIDE_STAINS.values()))
 
@@ -160,7 +162,8 @@ def batch_inputs(pattern, **fixed):
     def inputs(wildcards):
         values = {k: v(wildcards) if callable(v) else v for k, v in fixed.items()}
         return [
-            pattern.format(slide=slide, **values) for slide in BATCH_SLIDES[wildcards.batch]
+            pattern.format(slide=slide, **values)
+            for slide in BATCH_SLIDES[wildcards.batch]
         ]
 
     return inputs
@@ -200,7 +203,8 @@ def encoder_grid(wildcards):
 def encoder_models(encoder):
     """The `models:` settings of an encoder's models for the sheet's stains."""
     return {
-        name: config["models"][name] for name in TILE_ENCODERS[encoder].models_for(STAINS)
+        name: config["models"][name]
+        for name in TILE_ENCODERS[encoder].models_for(STAINS)
     }
 
 
@@ -278,7 +282,9 @@ def slide_encoder_bags(wildcards):
 def slide_encoder_inputs(wildcards):
     tile_encoder = SLIDE_ENCODERS[wildcards.slide_encoder].tile_encoder
     return expand(
-        "results/features/{encoder}/batches/{batch}.tsv", encoder=tile_encoder, batch=BATCHES
+        "results/features/{encoder}/batches/{batch}.tsv",
+        encoder=tile_encoder,
+        batch=BATCHES,
     )
 
 
@@ -311,7 +317,9 @@ def embedding_specs():
 
 def stain_tables():
     """Stain -> patient table from that stain's slides only, for tasks restricted to a stain."""
-    stains = sorted({task.stain for task in TASKS.values() if getattr(task, "stain", None)})
+    stains = sorted(
+        {task.stain for task in TASKS.values() if getattr(task, "stain", None)}
+    )
     return {stain: f"results/embeddings/patients_{stain}.h5" for stain in stains}
 
 

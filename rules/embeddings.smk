@@ -39,7 +39,8 @@ rule embeddings_collect:
         eagle={
             "aggregation": config["eagle"]["aggregation"],
             "slide_encoder_levels": {
-                name: settings["level"] for name, settings in SLIDE_ENCODER_CONFIG.items()
+                name: settings["level"]
+                for name, settings in SLIDE_ENCODER_CONFIG.items()
             },
         },
     script:

@@ -28,13 +28,18 @@ def test_a_fresh_clone_without_the_demo_cohort_says_what_creates_it(tmp_path: Pa
 def test_nested_command_line_values_are_typed_by_the_schema():
     given = {
         "eagle": {"top_k": "12", "reference_transpose": "false"},
-        "tiling": {"default_mpp": "0.5", "tile_px": "224"},
+        "tiling": {"default_mpp": "0.5", "mask_mpp": "8"},
+        "tile_encoders": {"gigapath_tile": {"tile_px": "256", "tile_mpp": "0.5"}},
         "heads": {"fewshot": {"shots": ["1", "2", "4"]}},
         "models": {"ctranspath": {"weights": "123", "sha256": "null"}},
     }
     typed, converted = coerce_command_line_strings(given, SCHEMA)
     assert typed["eagle"] == {"top_k": 12, "reference_transpose": False}
-    assert typed["tiling"] == {"default_mpp": 0.5, "tile_px": 224}
+    assert typed["tiling"] == {"default_mpp": 0.5, "mask_mpp": 8}
+    assert typed["tile_encoders"] == {"gigapath_tile": {"tile_px": 256, "tile_mpp": 0.5}}
+    # an integer or a list of integers (oneOf): both read as integers
+    listed, _ = coerce_command_line_strings({"eagle": {"top_k": ["25", "5"]}}, SCHEMA)
+    assert listed["eagle"]["top_k"] == [25, 5]
     assert typed["heads"]["fewshot"]["shots"] == [1, 2, 4]
     # A string key stays text, even when it looks like a number; "null" becomes null where allowed.
     assert typed["models"]["ctranspath"] == {"weights": "123", "sha256": None}
@@ -59,4 +64,6 @@ def test_snakemake_accepts_a_nested_override_and_rejects_a_bad_one(demo_dir: Pat
         cwd=demo_dir,
         check=False,
     )
-    assert bad.returncode != 0 and "'three' is not of type 'integer'" in bad.stdout + bad.stderr
+    output = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "'three' is not valid under any of the given schemas" in output
+    assert "On instance['eagle']['top_k']" in output

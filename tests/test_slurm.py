@@ -31,7 +31,8 @@ import yaml
 from workflow_helpers import FAST, REPO, SNAKEMAKE, make_demo_workdir
 
 PROFILE = REPO / "profiles" / "slurm"
-GPU_RULES = ("features_encode_tiles", "eagle_embed_topk")
+GPU_RULES = ("features_encode_tiles", "eagle_embed_topk", "slide_encoder_gigapath")
+COMPARISON = "config/comparison.yaml"
 PER_SLIDE_RULES = ("tiling_tile_slide",)  # the profile's slurm-array-jobs
 
 
@@ -107,7 +108,8 @@ def test_profile_is_found_by_name(tmp_path):
     (config_home / "snakemake").mkdir(parents=True)
     (config_home / "snakemake" / "slurm").symlink_to(PROFILE)
     result = subprocess.run(
-        [*SNAKEMAKE, "--profile", "slurm", "-n", "--directory", str(work), *FAST],
+        # with the comparison config, so that every rule the profile names is planned
+        [*SNAKEMAKE, "--profile", "slurm", "-n", "--directory", str(work), *FAST, COMPARISON],
         cwd=work,
         env=_env(XDG_CONFIG_HOME=str(config_home)),
         capture_output=True,

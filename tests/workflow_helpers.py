@@ -49,6 +49,7 @@ def make_demo_workdir(work: Path) -> Path:
 
     make_demo_cohort(work / "resources" / "demo", seed=0)
     (work / "config").mkdir(exist_ok=True)
-    shutil.copy(REPO / "config" / "config.yaml", work / "config" / "config.yaml")
+    for name in ("config.yaml", "comparison.yaml"):
+        shutil.copy(REPO / "config" / name, work / "config" / name)
     (work / "config" / "fast.yaml").write_text(FAST_CONFIG)
     return work

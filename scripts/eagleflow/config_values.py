@@ -49,6 +49,23 @@ def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str,
     return schema
 
 
+def _merge_alternatives(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A `oneOf`/`anyOf` schema as one: the union of its types, the first alternative's items.
+
+    `eagle.top_k` is an integer or a list of integers: '12' reads as 12, ['5', '10'] as [5, 10].
+    """
+    alternatives = [_resolve(a, root) for a in schema.get("oneOf", schema.get("anyOf", []))]
+    if not alternatives:
+        return schema
+    types = set().union(*(_types(a) for a in alternatives))
+    merged: dict[str, Any] = {**schema, "type": sorted(types)}
+    for alternative in alternatives:
+        for key in ("items", "properties", "additionalProperties"):
+            if key in alternative and key not in merged:
+                merged[key] = alternative[key]
+    return merged
+
+
 def _child_schema(schema: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     if key in schema.get("properties", {}):
         return schema["properties"][key]
@@ -68,7 +85,7 @@ def coerce_command_line_strings(
     required type is left alone, for the schema validation to report.
     """
     root = schema if root is None else root
-    schema = _resolve(schema, root)
+    schema = _merge_alternatives(_resolve(schema, root), root)
     changed: list[str] = []
     if isinstance(config, str):
         converted, value = _typed(config, _types(schema))
