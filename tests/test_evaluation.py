@@ -63,7 +63,10 @@ def run_heads(h5: Path, clinical: Path, spec: TaskSpec, out: Path) -> dict[str, 
 def test_evaluation_end_to_end(tmp_path: Path):
     h5, clinical, slides = fabricate_cohort(tmp_path)
     specs = validate_tasks(
-        {"BIN": task_config(), "MC": task_config(label="MC", embeddings=["eagle", "meanpool_ctranspath"])},
+        {
+            "BIN": task_config(),
+            "MC": task_config(label="MC", embeddings=["eagle", "meanpool_ctranspath"]),
+        },
         read_clinical_table(clinical),
         slides,
         folds=3,
