@@ -1,4 +1,4 @@
-"""Rule tiling_tile_slide: slide -> tiles H5 + QC thumbnail."""
+"""Rule tiling_tile_slide: slide -> one tiles H5 per grid (from one tissue mask) + QC thumbnail."""
 
 from eagleflow.logutil import run_rule
 from eagleflow.tiling import run_tiling
@@ -9,8 +9,9 @@ run_rule(
     slide_path=str(snakemake.params.slide),
     slide_id=snakemake.wildcards.slide,
     params={**snakemake.params.tiling, "mpp_range": snakemake.config["tiling"]["mpp_range"]},
+    grids=list(snakemake.params.grids),
     sheet_mpp=snakemake.params.sheet_mpp,
-    tiles_h5=snakemake.output.tiles,
+    tiles_h5=list(snakemake.output.tiles),
     qc_png=snakemake.output.qc,
     threads=snakemake.threads,
 )

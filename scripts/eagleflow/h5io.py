@@ -177,6 +177,8 @@ def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def write_tiles(path: str | os.PathLike[str], table: Any, provenance: Mapping[str, Any]) -> None:
     """Write a tiling.TileTable: coords (N, 2) int64 level-0 (x, y), plus per-tile scores."""
+    from eagleflow.encoders import Grid
+
     info, params = table.info, table.params
     attrs: dict[str, Any] = {
         "format": TILES_FORMAT,
@@ -190,6 +192,7 @@ def write_tiles(path: str | os.PathLike[str], table: Any, provenance: Mapping[st
         "mpp_warning": info.mpp_warning,
         "coord_unit": "level-0 pixels",
         "coord_order": "x,y (top-left corner), rows sorted by y then x",
+        "grid": Grid(params.tile_px, params.tile_mpp).name,
         "tile_px": params.tile_px,
         "tile_mpp": params.tile_mpp,
         "tile_size_um": params.tile_px * params.tile_mpp,
@@ -215,15 +218,18 @@ def write_tiles(path: str | os.PathLike[str], table: Any, provenance: Mapping[st
     )
 
 
-def read_tiles(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Return (coords, attrs) of a tiles file, checking its format first."""
-    validate_tiles(path)
+def read_tiles(path: str | os.PathLike[str], grid: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Return (coords, attrs) of a tiles file, checking its format (and grid, if given) first."""
+    validate_tiles(path, grid)
     with h5py.File(path, "r") as h5:
         coords = h5["coords"][:]
     return coords, read_attrs(path)
 
 
-def validate_tiles(path: str | os.PathLike[str]) -> dict[str, Any]:
+def validate_tiles(path: str | os.PathLike[str], grid: Any = None) -> dict[str, Any]:
+    """Check a tiles file; with `grid` (an encoders.Grid), also that its tiles are of that grid."""
+    from eagleflow.encoders import Grid
+
     attrs = validate_h5(
         path,
         TILES_FORMAT,
@@ -232,6 +238,20 @@ def validate_tiles(path: str | os.PathLike[str]) -> dict[str, Any]:
     with h5py.File(path, "r") as h5:
         if h5["coords"].dtype != np.int64 or int(attrs["n_tiles"]) != h5["coords"].shape[0]:
             raise FormatError(f"{path}: coords must be int64 and match n_tiles")
+    if "tile_px" not in attrs or "tile_mpp" not in attrs:
+        raise FormatError(f"{path}: no tile_px or tile_mpp attribute: its grid is unknown")
+    # files written before grids had names carry no `grid`: their tile_px and tile_mpp say it
+    actual = Grid(int(attrs["tile_px"]), float(attrs["tile_mpp"]))
+    if attrs.get("grid", actual.name) != actual.name:
+        raise FormatError(
+            f"{path}: attribute grid {attrs['grid']!r} disagrees with its tile_px and tile_mpp "
+            f"({actual.name})"
+        )
+    if grid is not None and actual != grid:
+        raise FormatError(
+            f"{path}: holds tiles of grid {actual.name}, not {grid.name}: it is another grid's "
+            "tiles file"
+        )
     return attrs
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import overload
 
 import cv2
 import numpy as np
 import openslide
 from tqdm import tqdm
 
+from eagleflow.encoders import Grid
 from eagleflow.h5io import atomic_write_bytes
 from eagleflow.mpp import DEFAULT_MPP_RANGE, check_mpp_settings
 from eagleflow.slides import (
@@ -74,6 +77,10 @@ class TileTable:
     mask: np.ndarray  # (h, w) bool at mask_scale
     mask_thumbnail: np.ndarray  # (h, w, 3) uint8 RGB at mask_scale
     mask_scale: float  # mask px per level-0 px
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.params.tile_px, self.params.tile_mpp)
 
     @property
     def effective_mpp(self) -> float:
@@ -159,6 +166,166 @@ def _unreadable(label: str, where: str, err: Exception) -> SlideError:
     )
 
 
+def _too_small(label: str, info: SlideInfo, grid: Grid) -> SlideError:
+    return SlideError(
+        f"{label}: {info.width}x{info.height} px at {info.mpp:g} µm/px is smaller than one "
+        f"{grid.tile_size_um:g} µm tile (grid {grid.name}), so it yields no tiles. Remove it from "
+        "the sheet, or use tiling.border: pad."
+    )
+
+
+@dataclass
+class _GridCandidates:
+    """One grid's tissue tiles, before the edge test."""
+
+    params: TilingParams  # the shared settings with this grid's tile_px and tile_mpp
+    size: int  # level-0 tile side
+    n_grid: int
+    coords: np.ndarray  # (N, 2) int64, row-major
+    tissue_fraction: np.ndarray  # (N,) float32
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.params.tile_px, self.params.tile_mpp)
+
+
+def _edge_test(
+    path: str,
+    slide_id: str,
+    label: str,
+    info: SlideInfo,
+    tissue: _GridCandidates,
+    threads: int,
+    progress: bool,
+) -> tuple[int, np.ndarray]:
+    """(read level, edge fraction of each candidate), each tile read at this grid's resolution."""
+    params, candidates = tissue.params, tissue.coords
+    level = best_level(info, params.tile_mpp)
+    edges = np.empty(len(candidates), dtype=np.float32)
+    # the Canny test runs here, alongside the reader threads (cv2 releases the GIL)
+    tiles = iter_tiles(
+        path, slide_id, info, candidates, level, tissue.size, params.tile_px, threads
+    )
+    done = 0
+    try:
+        for tile in tqdm(
+            tiles,
+            total=len(candidates),
+            desc=f"edges {slide_id} {tissue.grid.name}",
+            disable=not progress,
+        ):
+            edges[done] = edge_fraction(tile, params.canny_low, params.canny_high)
+            done += 1
+    except openslide.OpenSlideError as err:
+        x, y = candidates[done]
+        where = f"the tile at level-0 ({x}, {y}) on pyramid level {level}"
+        raise _unreadable(label, where, err) from err
+    return level, edges
+
+
+def tile_slide_grids(
+    path: str,
+    slide_id: str,
+    params: TilingParams,
+    grids: Sequence[Grid],
+    sheet_mpp: float | None = None,
+    threads: int = 1,
+    progress: bool = True,
+) -> list[TileTable]:
+    """Tile one slide on every grid from ONE tissue mask; one table per grid, in `grids` order.
+
+    `params` gives the mask and edge settings all grids share (its tile_px and tile_mpp are
+    ignored); each table's params carry its grid's. A grid's tiles depend only on the slide, the
+    shared settings and that grid: the other grids change none of them.
+    """
+    grids = list(grids)
+    if not grids:
+        raise ValueError("tile_slide_grids needs at least one grid")
+    if len(set(grids)) != len(grids):
+        raise ValueError(f"grids listed twice: {[grid.name for grid in grids]}")
+    slide = open_slide(path, slide_id)
+    info = slide_info(slide, path, slide_id, sheet_mpp, params.default_mpp, params.mpp_range)
+    label = f"slide {slide_id!r} ({path})"
+    # every grid's geometry first: a slide too small for any grid fails before a pixel is read
+    geometry = []
+    for grid in grids:
+        size = level0_tile_size(info.mpp, grid.tile_px, grid.tile_mpp)
+        xs, ys = grid_origins(info.width, info.height, size, params.border)
+        if len(xs) == 0 or len(ys) == 0:
+            raise _too_small(label, info, grid)
+        geometry.append((grid, size, xs, ys))
+
+    mask_level = best_level(info, params.mask_mpp)
+    scale_in_level = info.level_mpp(mask_level) / params.mask_mpp
+    try:
+        thumbnail = read_level_downscaled(slide, info, mask_level, min(1.0, scale_in_level))
+    except openslide.OpenSlideError as err:
+        raise _unreadable(label, f"pyramid level {mask_level}", err) from err
+    mask = tissue_mask(thumbnail, params)
+    mask_scale = thumbnail.shape[1] / info.width
+
+    # every grid's tissue tiles from that one mask, before the (slow) edge pass of any grid
+    candidates = []
+    for grid, size, xs, ys in geometry:
+        fractions = _box_fractions(mask, xs, ys, size, mask_scale)
+        rows, cols = np.nonzero(fractions >= params.min_tissue_fraction)  # row-major order
+        if len(rows) == 0:
+            raise SlideError(
+                f"{label}: no tissue found on grid {grid.name} (no tile is "
+                f"{params.min_tissue_fraction:.0%} tissue in the mask). Check the slide; if it is "
+                "faint, lower tiling.saturation_min or tiling.min_tissue_fraction."
+            )
+        candidates.append(
+            _GridCandidates(
+                params=replace(params, tile_px=grid.tile_px, tile_mpp=grid.tile_mpp),
+                size=size,
+                n_grid=len(xs) * len(ys),
+                coords=np.stack([xs[cols], ys[rows]], axis=1).astype(np.int64),
+                tissue_fraction=fractions[rows, cols].astype(np.float32),
+            )
+        )
+
+    tables = []
+    for tissue in candidates:
+        level, edges = _edge_test(path, slide_id, label, info, tissue, threads, progress)
+        keep = edges >= params.min_edge_fraction
+        if not keep.any():
+            raise SlideError(
+                f"{label}: all {len(tissue.coords)} tissue tiles failed the edge test on grid "
+                f"{tissue.grid.name} (< {params.min_edge_fraction:.0%} Canny edge pixels); the slide "
+                "may be blurred or empty. Check it, or lower tiling.min_edge_fraction."
+            )
+        log.info(
+            "%s, grid %s: %d grid tiles, %d tissue, %d kept after the edge test "
+            "(level %d, %d px level-0 tiles)",
+            slide_id,
+            tissue.grid.name,
+            tissue.n_grid,
+            len(tissue.coords),
+            int(keep.sum()),
+            level,
+            tissue.size,
+        )
+        tables.append(
+            TileTable(
+                slide_id=slide_id,
+                info=info,
+                params=tissue.params,
+                read_level=level,
+                tile_size_level0=tissue.size,
+                coords=tissue.coords[keep],
+                tissue_fraction=tissue.tissue_fraction[keep],
+                edge_fraction=edges[keep],
+                rejected_coords=tissue.coords[~keep],
+                n_grid=tissue.n_grid,
+                mask=mask,
+                mask_thumbnail=thumbnail,
+                mask_scale=mask_scale,
+            )
+        )
+    return tables
+
+
 def tile_slide(
     path: str,
     slide_id: str,
@@ -168,85 +335,28 @@ def tile_slide(
     progress: bool = True,
 ) -> TileTable:
     """Tile one slide: mask on a coarse level, grid at `tile_mpp`, Canny test on each tissue tile."""
-    slide = open_slide(path, slide_id)
-    info = slide_info(slide, path, slide_id, sheet_mpp, params.default_mpp, params.mpp_range)
-    label = f"slide {slide_id!r} ({path})"
-    size = level0_tile_size(info.mpp, params.tile_px, params.tile_mpp)
-    xs, ys = grid_origins(info.width, info.height, size, params.border)
-    if len(xs) == 0 or len(ys) == 0:
-        raise SlideError(
-            f"{label}: {info.width}x{info.height} px at {info.mpp:g} µm/px is smaller than one "
-            f"{params.tile_px * params.tile_mpp:g} µm tile, so it yields no tiles. Remove it from the "
-            "sheet, or use tiling.border: pad."
-        )
-    mask_level = best_level(info, params.mask_mpp)
-    scale_in_level = info.level_mpp(mask_level) / params.mask_mpp
-    try:
-        thumbnail = read_level_downscaled(slide, info, mask_level, min(1.0, scale_in_level))
-    except openslide.OpenSlideError as err:
-        raise _unreadable(label, f"pyramid level {mask_level}", err) from err
-    mask = tissue_mask(thumbnail, params)
-    mask_scale = thumbnail.shape[1] / info.width
-    fractions = _box_fractions(mask, xs, ys, size, mask_scale)
-    rows, cols = np.nonzero(fractions >= params.min_tissue_fraction)  # row-major order
-    candidates = np.stack([xs[cols], ys[rows]], axis=1).astype(np.int64)
-    candidate_tissue = fractions[rows, cols].astype(np.float32)
-    if len(candidates) == 0:
-        raise SlideError(
-            f"{label}: no tissue found (no tile is {params.min_tissue_fraction:.0%} tissue in the "
-            "mask). Check the slide; if it is faint, lower tiling.saturation_min or "
-            "tiling.min_tissue_fraction."
-        )
-    level = best_level(info, params.tile_mpp)
-    edges = np.empty(len(candidates), dtype=np.float32)
-    # the Canny test runs here, alongside the reader threads (cv2 releases the GIL)
-    tiles = iter_tiles(path, slide_id, info, candidates, level, size, params.tile_px, threads)
-    done = 0
-    try:
-        for tile in tqdm(
-            tiles, total=len(candidates), desc=f"edges {slide_id}", disable=not progress
-        ):
-            edges[done] = edge_fraction(tile, params.canny_low, params.canny_high)
-            done += 1
-    except openslide.OpenSlideError as err:
-        x, y = candidates[done]
-        where = f"the tile at level-0 ({x}, {y}) on pyramid level {level}"
-        raise _unreadable(label, where, err) from err
-    keep = edges >= params.min_edge_fraction
-    if not keep.any():
-        raise SlideError(
-            f"{label}: all {len(candidates)} tissue tiles failed the edge test (< "
-            f"{params.min_edge_fraction:.0%} Canny edge pixels); the slide may be blurred or empty. "
-            "Check it, or lower tiling.min_edge_fraction."
-        )
-    log.info(
-        "%s: %d grid tiles, %d tissue, %d kept after the edge test (level %d, %d px level-0 tiles)",
-        slide_id,
-        len(xs) * len(ys),
-        len(candidates),
-        int(keep.sum()),
-        level,
-        size,
-    )
-    return TileTable(
-        slide_id=slide_id,
-        info=info,
-        params=params,
-        read_level=level,
-        tile_size_level0=size,
-        coords=candidates[keep],
-        tissue_fraction=candidate_tissue[keep],
-        edge_fraction=edges[keep],
-        rejected_coords=candidates[~keep],
-        n_grid=len(xs) * len(ys),
-        mask=mask,
-        mask_thumbnail=thumbnail,
-        mask_scale=mask_scale,
-    )
+    grid = Grid(params.tile_px, params.tile_mpp)
+    (table,) = tile_slide_grids(path, slide_id, params, [grid], sheet_mpp, threads, progress)
+    return table
 
 
-def qc_image(table: TileTable, max_side: int = 1200) -> np.ndarray:
-    """RGB QC picture: tissue mask tinted, kept tiles in green, edge-rejected tiles in red."""
+def _banner(lines: list[str], width: int) -> np.ndarray:
+    """White strip with one text line each, the font shrunk until the longest line fits."""
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    widest = max(cv2.getTextSize(line, font, scale, 1)[0][0] for line in lines)
+    scale *= min(1.0, (width - 12) / max(widest, 1))
+    banner = np.full((10 + 18 * len(lines), width, 3), 255, dtype=np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(banner, line, (6, 19 + 18 * i), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return banner
+
+
+def qc_image(tables: Sequence[TileTable], max_side: int = 1200) -> np.ndarray:
+    """RGB QC picture of the first grid (mask tinted, kept tiles green, edge-rejected red).
+
+    The banner gives every grid's count of kept tiles: all grids share the mask drawn here.
+    """
+    table = tables[0]
     image = table.mask_thumbnail.copy()
     tint = np.zeros_like(image)
     tint[table.mask] = (0, 90, 255)
@@ -261,46 +371,112 @@ def qc_image(table: TileTable, max_side: int = 1200) -> np.ndarray:
             top_left = (round(x * scale), round(y * scale))
             bottom_right = (round(x * scale + size) - 1, round(y * scale + size) - 1)
             cv2.rectangle(image, top_left, bottom_right, colour, 1)
-    banner = np.full((28, image.shape[1], 3), 255, dtype=np.uint8)
-    text = (
+    lines = [
         f"{table.slide_id}: {len(table.coords)} tiles kept (green), {len(table.rejected_coords)} "
         f"edge-rejected (red); {table.params.tile_px}px @ {table.params.tile_mpp:g} um/px"
-    )
-    cv2.putText(banner, text, (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([banner, image], axis=0)
+    ]
+    lines += [
+        f"grid {other.grid.name}: {len(other.coords)} tiles kept, "
+        f"{len(other.rejected_coords)} edge-rejected"
+        for other in tables[1:]
+    ]
+    return np.concatenate([_banner(lines, image.shape[1]), image], axis=0)
 
 
-def write_qc_png(table: TileTable, path: str | Path) -> None:
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(qc_image(table), cv2.COLOR_RGB2BGR))
+def write_qc_png(tables: Sequence[TileTable], path: str | Path) -> None:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(qc_image(tables), cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode the QC image for {path}")
     atomic_write_bytes(path, encoded.tobytes())
 
 
+GRID_KEYS = ("tile_px", "tile_mpp")
+
+
+def _shared_params_and_grids(
+    params: Mapping[str, object], grids: Sequence[Mapping[str, object]] | None
+) -> tuple[TilingParams, list[Grid]]:
+    """The settings all grids share, and the grids (from `grids`, or the one inside `params`)."""
+    if grids is None:
+        shared = TilingParams(**params)  # type: ignore[arg-type]
+        return shared, [Grid(shared.tile_px, shared.tile_mpp)]
+    given = [key for key in GRID_KEYS if key in params]
+    if given:  # two sources for one value: say which wins rather than pick one silently
+        raise ValueError(
+            f"tiling params hold {', '.join(given)} although grids are given: each grid's "
+            "tile_px and tile_mpp come from `grids` only"
+        )
+    shared = TilingParams(**params)  # type: ignore[arg-type]
+    return shared, [Grid(int(g["tile_px"]), float(g["tile_mpp"])) for g in grids]  # type: ignore[arg-type]
+
+
+@overload
 def run_tiling(
     slide_path: str,
     slide_id: str,
-    params: dict[str, object],
+    params: Mapping[str, object],
     sheet_mpp: float | None,
-    tiles_h5: str,
-    qc_png: str,
+    tiles_h5: str | os.PathLike[str],
+    qc_png: str | os.PathLike[str],
     threads: int = 1,
-) -> TileTable:
-    """The `tiling_tile_slide` rule: tile a slide, write its tiles file and QC picture."""
+    grids: None = None,
+) -> TileTable: ...
+
+
+@overload
+def run_tiling(
+    slide_path: str,
+    slide_id: str,
+    params: Mapping[str, object],
+    sheet_mpp: float | None,
+    tiles_h5: Sequence[str | os.PathLike[str]],
+    qc_png: str | os.PathLike[str],
+    threads: int = 1,
+    grids: Sequence[Mapping[str, object]] | None = None,
+) -> list[TileTable]: ...
+
+
+def run_tiling(
+    slide_path: str,
+    slide_id: str,
+    params: Mapping[str, object],
+    sheet_mpp: float | None,
+    tiles_h5: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    qc_png: str | os.PathLike[str],
+    threads: int = 1,
+    grids: Sequence[Mapping[str, object]] | None = None,
+) -> TileTable | list[TileTable]:
+    """The `tiling_tile_slide` rule: tile a slide on every grid, write each grid's tiles file
+    (`tiles_h5[i]` for `grids[i]`) and one QC picture (the first grid's tiles).
+
+    `params` holds the shared mask and edge settings; `grids` ({"tile_px", "tile_mpp"} each) the
+    grids. Without `grids`, the one grid is params' tile_px and tile_mpp, and a single path in
+    `tiles_h5` returns a single table. On any failure none of the outputs remain.
+    """
     from eagleflow.h5io import write_tiles
     from eagleflow.provenance import provenance_attrs
 
-    tiling_params = TilingParams(**params)  # type: ignore[arg-type]
-    table = tile_slide(slide_path, slide_id, tiling_params, sheet_mpp, threads=threads)
-    if table.info.mpp_warning:
-        log.warning("%s: %s", slide_id, table.info.mpp_warning)
-    provenance = provenance_attrs(
-        "tiling_tile_slide", {**tiling_params.as_dict(), "sheet_mpp": sheet_mpp}
-    )
-    write_qc_png(table, qc_png)
+    single = isinstance(tiles_h5, (str, os.PathLike))
+    paths = [tiles_h5] if single else list(tiles_h5)  # type: ignore[list-item]
+    shared, grid_list = _shared_params_and_grids(params, grids)
+    if len(paths) != len(grid_list):
+        raise ValueError(f"{len(grid_list)} grids but {len(paths)} tiles files: {paths}")
     try:
-        write_tiles(tiles_h5, table, provenance)
+        tables = tile_slide_grids(
+            slide_path, slide_id, shared, grid_list, sheet_mpp, threads=threads
+        )
+        if tables[0].info.mpp_warning:
+            log.warning("%s: %s", slide_id, tables[0].info.mpp_warning)
+        write_qc_png(tables, qc_png)
+        for table, path in zip(tables, paths, strict=True):
+            # the same record as a one-grid run: every setting, this grid's tile_px and tile_mpp
+            provenance = provenance_attrs(
+                "tiling_tile_slide", {**table.params.as_dict(), "sheet_mpp": sheet_mpp}
+            )
+            write_tiles(path, table, provenance)
     except BaseException:
-        Path(qc_png).unlink(missing_ok=True)  # no QC picture of tiles that were never written
+        # a slide is tiled on every grid or on none: later stages never see a partial set
+        for output in (*paths, qc_png):
+            Path(output).unlink(missing_ok=True)
         raise
-    return table
+    return tables[0] if single else tables
