@@ -24,12 +24,9 @@ if TYPE_CHECKING:  # pandas stays out of the planning-time imports
     import pandas as pd
 
 TILES_FORMAT = "eagleflow.tiles/1"
-FEATURES_FORMAT = "eagleflow.features/1"
 ATTENTION_FORMAT = "eagleflow.attention/1"
 TOPK_FORMAT = "eagleflow.topk/1"
 EMBEDDINGS_FORMAT = "eagleflow.embeddings/1"
-# The embeddings of the cohort tables (and the names tasks may compare).
-EMBEDDING_NAMES = ("eagle", "chief", "meanpool")
 
 
 class FormatError(EagleflowError, ValueError):
