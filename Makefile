@@ -9,7 +9,7 @@ SNAKEMAKE := $(VENV)/bin/snakemake
 # /etc/xdg/snakemake/slurm, never profiles/: `make setup` links the user's profile folder here.
 SNAKEMAKE_PROFILES := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
 
-.PHONY: setup slurm-profile demo-data demo test test-fast lint format
+.PHONY: setup slurm-profile demo-data demo comparison test test-fast lint format
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ demo-data: setup
 demo: demo-data
 	$(SNAKEMAKE) --workflow-profile profiles/local --cores $(CORES)
 	$(SNAKEMAKE) --workflow-profile profiles/local --report results/report.html
+
+# The EAGLE paper's comparison (EAGLE, its k ablation, CHIEF, mean pooling of CTransPath,
+# Prov-GigaPath and PathoDuet, the Prov-GigaPath slide encoder) on the demo cohort.
+COMPARISON := --configfile config/config.yaml config/comparison.yaml
+comparison: demo-data
+	$(SNAKEMAKE) --workflow-profile profiles/local --cores $(CORES) $(COMPARISON)
+	$(SNAKEMAKE) --workflow-profile profiles/local --report results/report.html $(COMPARISON)
 
 test: setup
 	$(PY) -m pytest -q

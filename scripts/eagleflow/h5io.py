@@ -24,9 +24,9 @@ if TYPE_CHECKING:  # pandas stays out of the planning-time imports
     import pandas as pd
 
 TILES_FORMAT = "eagleflow.tiles/1"
-ATTENTION_FORMAT = "eagleflow.attention/1"
-TOPK_FORMAT = "eagleflow.topk/1"
-EMBEDDINGS_FORMAT = "eagleflow.embeddings/1"
+ATTENTION_FORMAT = "eagleflow.attention/2"
+TOPK_FORMAT = "eagleflow.topk/2"
+EMBEDDINGS_FORMAT = "eagleflow.embeddings/2"
 
 
 class FormatError(EagleflowError, ValueError):

@@ -4,6 +4,7 @@ Each cohort is one tiny real slide linked N times (N/2 patients, two cohorts), s
 validation, the weight check and the DAG are the real ones; nothing is computed.
 
     .venv/bin/python scripts/tools/bench_dag.py --sizes 1000 10000 50000 --repeat 3
+    .venv/bin/python scripts/tools/bench_dag.py --sizes 10000 --extra-encoders gigapath_tile pathoduet
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_cohort(root: Path, n_slides: int, slides_per_batch: int) -> Path:
+def make_cohort(
+    root: Path, n_slides: int, slides_per_batch: int, extra_encoders: list[str]
+) -> Path:
     """A working directory with an N-slide sheet, a clinical table and a config."""
     from eagleflow.demo import write_pyramid_tiff
 
@@ -48,6 +51,17 @@ def make_cohort(root: Path, n_slides: int, slides_per_batch: int) -> Path:
     config = config.replace("resources/demo/slides.csv", str(root / "slides.csv"))
     config = config.replace("resources/demo/clinical.csv", str(root / "clinical.csv"))
     config = config.replace("n_batches: 4", f"n_batches: {max(1, n_slides // slides_per_batch)}")
+    if extra_encoders:  # each at its reference grid, with demo weights
+        import yaml
+
+        from eagleflow.encoders import TILE_ENCODERS
+
+        data = yaml.safe_load(config)
+        for name in extra_encoders:
+            data["tile_encoders"][name] = {}
+            for model in TILE_ENCODERS[name].models_for(["HE"]):
+                data["models"][model] = {"weights": "demo"}
+        config = yaml.safe_dump(data)
     (root / "config.yaml").write_text(config)
     return root
 
@@ -93,12 +107,19 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="dry runs per size; the median and range are printed"
     )
+    parser.add_argument(
+        "--extra-encoders",
+        nargs="*",
+        default=[],
+        help="tile encoders run on every tile besides CTransPath (e.g. gigapath_tile pathoduet)",
+    )
     args = parser.parse_args()
-    print(f"snakemake -n, {args.repeat} run(s) per size, {os.cpu_count()} CPU(s)")
+    extra = f", extra tile encoders: {' '.join(args.extra_encoders)}" if args.extra_encoders else ""
+    print(f"snakemake -n, {args.repeat} run(s) per size, {os.cpu_count()} CPU(s){extra}")
     print(f"{'slides':>8} {'jobs':>8} {'median s':>9} {'min-max s':>11} {'peak GB':>8}")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            workdir = make_cohort(Path(tmp), size, args.slides_per_batch)
+            workdir = make_cohort(Path(tmp), size, args.slides_per_batch, args.extra_encoders)
             runs = [measure(workdir) for _ in range(args.repeat)]
         walls = [wall for wall, _, _ in runs]
         spread = f"{min(walls):.1f}-{max(walls):.1f}"

@@ -50,16 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cohort import make_cohort  # noqa: E402
 
 from eagleflow.attention import run_chief_batch  # noqa: E402
-from eagleflow.eagle import run_virchow2_batch  # noqa: E402
+from eagleflow.eagle import run_topk_batch  # noqa: E402
 from eagleflow.features import (  # noqa: E402
     TileGeometry,
-    configure_torch,
     iter_tile_batches,
-    resolve_device,
-    run_ctranspath_batch,
+    run_tile_encoder_batch,
 )
 from eagleflow.h5io import read_h5, write_tiles  # noqa: E402
 from eagleflow.logutil import setup_logging  # noqa: E402
+from eagleflow.model_stage import configure_torch, resolve_device  # noqa: E402
 from eagleflow.models import autocast_context, load_model, preprocess_tiles  # noqa: E402
 from eagleflow.provenance import provenance_attrs  # noqa: E402
 from eagleflow.slides import level0_tile_size, open_slide, read_tile  # noqa: E402
@@ -498,9 +497,10 @@ def main() -> None:
                 model_tiles,
                 device,
                 memory,
-                lambda: run_ctranspath_batch(
+                lambda: run_tile_encoder_batch(
+                    "ctranspath",
                     [{**s, "output": s["features"]} for s in slides],
-                    demo,
+                    {"ctranspath": demo},
                     extraction,
                     str(tmp / "f.tsv"),
                     threads,
@@ -528,9 +528,10 @@ def main() -> None:
                 0,
                 device,
                 memory,
-                lambda: run_virchow2_batch(
+                lambda: run_topk_batch(
+                    "virchow2",
                     [{**s, "output": s["topk"]} for s in slides],
-                    demo,
+                    {"virchow2": demo},
                     eagle,
                     str(tmp / "t.tsv"),
                     threads,
