@@ -611,7 +611,7 @@ def test_keep_going_finishes_good_slides_and_reruns_only_failures(tmp_path: Path
     bad = [slide for slide, _ in BAD_SLIDES.values()]
     # Every other slide first (one 2-thread job at a time on 2 cores), so that the vanishing
     # slide's job comes last: its file is deleted once the first job has started.
-    first = [f"results/tiles/{s}.h5" for s in [*GOOD_SLIDES, *bad]]
+    first = [f"results/tiles/224px_2mpp/{s}.h5" for s in [*GOOD_SLIDES, *bad]]
     args = [*snakemake, "--cores", "2", "--keep-going", "--latency-wait", "1", "-P", *first]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     process = subprocess.Popen(
@@ -629,10 +629,12 @@ def test_keep_going_finishes_good_slides_and_reruns_only_failures(tmp_path: Path
 
     assert process.returncode != 0
     for slide in GOOD_SLIDES:  # every unaffected slide finished
-        assert validate_tiles(work / "results" / "tiles" / f"{slide}.h5")["n_tiles"] > 0
+        assert (
+            validate_tiles(work / "results" / "tiles" / "224px_2mpp" / f"{slide}.h5")["n_tiles"] > 0
+        )
         assert (work / "results" / "qc" / "tiles" / f"{slide}.png").exists()
     for slide, expected in BAD_SLIDES.values():
-        assert not (work / "results" / "tiles" / f"{slide}.h5").exists()
+        assert not (work / "results" / "tiles" / "224px_2mpp" / f"{slide}.h5").exists()
         assert not (work / "results" / "qc" / "tiles" / f"{slide}.png").exists()
         log = (logs / f"{slide}.log").read_text()
         assert f"ERROR eagleflow: slide {slide!r} (" in log and expected in log, log
@@ -674,10 +676,10 @@ def test_keep_going_finishes_good_slides_and_reruns_only_failures(tmp_path: Path
     rerun = run([*snakemake, "--cores", "2", "--keep-going"], cwd=work, check=False)
     assert rerun.returncode != 0
     for slide in (fixed, VANISH):
-        assert validate_tiles(results / "tiles" / f"{slide}.h5")["n_tiles"] > 0
+        assert validate_tiles(results / "tiles" / "224px_2mpp" / f"{slide}.h5")["n_tiles"] > 0
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     assert planned_slides(run([*snakemake, "-n"], cwd=work).stdout) == set(bad) - {fixed}
-    assert set(good) <= {p.stem for p in (results / "tiles").glob("*.h5")}
+    assert set(good) <= {p.stem for p in (results / "tiles" / "224px_2mpp").glob("*.h5")}
 
     # A shell-looking slide id never reaches a shell: the sheet check stops the run at parse
     evil_row = ["P0", "$(touch pwned)", "slides/GOOD-1.tif"]
@@ -737,7 +739,10 @@ def test_rerun_after_a_crash_mid_write(tmp_path: Path) -> None:
     assert ready.exists(), "the tiling job never reached its H5 write"
     os.killpg(process.pid, signal.SIGKILL)  # Snakemake and the job together
     process.wait()
-    tiles, qc = work / "results" / "tiles" / "GOOD-1.h5", work / "results" / "qc" / "tiles"
+    tiles, qc = (
+        work / "results" / "tiles" / "224px_2mpp" / "GOOD-1.h5",
+        work / "results" / "qc" / "tiles",
+    )
     assert not tiles.exists() and (qc / "GOOD-1.png").exists()
     assert list(tiles.parent.glob(".GOOD-1.h5.tmp.*"))
 

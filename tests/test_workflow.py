@@ -33,20 +33,20 @@ def test_demo_run_makes_every_output_and_resumes_without_work(finished_demo):
     demo_dir = finished_demo
     slides = read_slide_sheet(demo_dir / "resources" / "demo" / "slides.csv")
     for slide_id in slides.index:
-        coords, attrs = read_tiles(demo_dir / "results" / "tiles" / f"{slide_id}.h5")
+        coords, attrs = read_tiles(demo_dir / "results" / "tiles" / "224px_2mpp" / f"{slide_id}.h5")
         assert len(coords) > 0 and attrs["slide_id"] == slide_id
         assert (demo_dir / "results" / "qc" / "tiles" / f"{slide_id}.png").stat().st_size > 0
         assert (demo_dir / "logs" / "tiling" / f"{slide_id}.log").exists()
         assert (demo_dir / "benchmarks" / "tiling" / f"{slide_id}.tsv").exists()
         batch = batch_of(slide_id, 2)
         assert (demo_dir / "results" / "qc" / "topk" / batch / f"{slide_id}.png").stat().st_size > 0
-        for stage in ("features/ctranspath", "attention/chief", "eagle/topk"):
+        for stage in ("features/ctranspath", "attention/chief", "eagle/virchow2"):
             assert (demo_dir / "results" / stage / f"{slide_id}.h5").exists()
     with h5py.File(demo_dir / "results" / "embeddings" / "patients.h5") as h5:
         assert h5["eagle"].shape == (len(set(slides["PATIENT"])), 1280)
         assert h5.attrs["weights_demo"] == "true"
     first = next(iter(slides.index))
-    tiles = demo_dir / "results" / "tiles" / f"{first}.h5"
+    tiles = demo_dir / "results" / "tiles" / "224px_2mpp" / f"{first}.h5"
     before = tiles.stat().st_mtime_ns
     again = run([*SNAKEMAKE, "-n", "--directory", str(demo_dir), *FAST], cwd=demo_dir)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -62,13 +62,13 @@ def test_running_a_change_leaves_untouched_outputs_alone(finished_demo):
     results = finished_demo / "results"
     untouched = sorted(
         [
-            *results.glob("tiles/*.h5"),
+            *results.glob("tiles/224px_2mpp/*.h5"),
             *results.glob("features/ctranspath/*.h5"),
             *results.glob("attention/chief/*.h5"),
         ]
     )
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in untouched}
-    topk_before = {p: p.stat().st_mtime_ns for p in results.glob("eagle/topk/*.h5")}
+    topk_before = {p: p.stat().st_mtime_ns for p in results.glob("eagle/virchow2/*.h5")}
     override = "config/top3.yaml"
     run(
         [*SNAKEMAKE, "--cores", "2", "--directory", str(finished_demo), *FAST, override],

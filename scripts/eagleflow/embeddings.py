@@ -22,7 +22,7 @@ import pandas as pd
 
 from eagleflow.batches import read_manifest
 from eagleflow.eagle import aggregate, softmax
-from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, EmbeddingSpec
+from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, SLIDE_ENCODERS, EmbeddingSpec
 from eagleflow.feature_files import read_feats_mean
 from eagleflow.h5io import EMBEDDINGS_FORMAT, read_attrs, read_h5, write_csv, write_h5
 from eagleflow.provenance import provenance_attrs
@@ -197,7 +197,7 @@ def stages_of(spec: EmbeddingSpec) -> list[str]:
         return selection
     if spec.kind == "meanpool":
         return [f"features:{spec.encoder}"]
-    return ["features:gigapath_tile"]
+    return [f"features:{SLIDE_ENCODERS[spec.encoder].tile_encoder}"]
 
 
 def compute_row(

@@ -1,0 +1,150 @@
+"""Cohort tables from fabricated per-slide files: stain tables, slide-encoder bags, compute rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eagleflow.batches import write_manifest
+from eagleflow.embeddings import build_cohort_embeddings
+from eagleflow.encoders import configured_embeddings
+from eagleflow.feature_files import write_tile_features
+from eagleflow.h5io import read_h5, write_h5
+
+# (slide, patient, stain, tiles)
+SLIDES = [("A1", "PA", "HE", 5), ("A2", "PA", "IHC", 3), ("B1", "PB", "HE", 4)]
+
+
+def _fabricate(root: Path) -> dict:
+    rng = np.random.default_rng(0)
+    manifests: dict[str, list] = {
+        "attention": [],
+        "ctranspath": [],
+        "gigapath_tile": [],
+        "virchow2": [],
+    }
+    rows = {key: [] for key in manifests}
+    feats = {}
+    for slide, _patient, _stain, n in SLIDES:
+        coords = np.stack([np.arange(n) * 448, np.zeros(n)], axis=1).astype(np.int64)
+        geometry = {"slide_id": slide, "tile_size_level0_px": 448, "compute_seconds": 1.0}
+        for encoder, dim in (("ctranspath", 768), ("gigapath_tile", 1536)):
+            feats[slide, encoder] = rng.normal(size=(n, dim)).astype(np.float32)
+            path = root / encoder / f"{slide}.h5"
+            write_tile_features(
+                path,
+                feats[slide, encoder],
+                coords,
+                mpp=0.5,
+                tile_size_px=224,
+                tile_size_um=112.0,
+                encoder=encoder,
+                attrs={**geometry, "tile_forwards": n, f"{encoder}_weights_demo": "true"},
+            )
+            rows[encoder].append({"slide_id": slide, "output": str(path)})
+        raw = rng.normal(size=n).astype(np.float32)
+        path = root / "attention" / f"{slide}.h5"
+        write_h5(
+            path,
+            {"chief_embedding": rng.normal(size=768).astype(np.float32), "attention_raw": raw},
+            {"n_tiles": n, "attention_logsumexp": float(np.log(np.exp(raw).sum())), **geometry},
+        )
+        rows["attention"].append({"slide_id": slide, "output": str(path)})
+        order = np.argsort(-raw, kind="stable")[:2]
+        path = root / "virchow2" / f"{slide}.h5"
+        write_h5(
+            path,
+            {
+                "tile_embeddings": rng.normal(size=(len(order), 1280)).astype(np.float32),
+                "attention_raw": raw[order],
+                "tile_index": order.astype(np.int64),
+            },
+            {"tile_forwards": len(order), "compute_seconds": 4.0},
+        )
+        rows["virchow2"].append({"slide_id": slide, "output": str(path)})
+    for key, listed in rows.items():
+        manifests[key] = [str(root / f"{key}.tsv")]
+        write_manifest(manifests[key][0], listed, True)
+    # slide-encoder bags: one per patient and stain
+    bags = {"PA.HE": ["A1"], "PA.IHC": ["A2"], "PB.HE": ["B1"]}
+    bag_rows = []
+    for bag, members in bags.items():
+        path = root / "bags" / f"{bag}.h5"
+        write_h5(
+            path,
+            {
+                "embedding": rng.normal(size=768).astype(np.float32),
+                "slide_order": np.array([m.encode() for m in members]),
+            },
+            {"n_tiles": sum(n for s, _, _, n in SLIDES if s in members), "compute_seconds": 2.0},
+        )
+        bag_rows.append({"slide_id": bag, "output": str(path)})
+    manifests["gigapath_slide"] = [str(root / "bags.tsv")]
+    write_manifest(manifests["gigapath_slide"][0], bag_rows, True)
+    return {"manifests": manifests, "feats": feats}
+
+
+@pytest.fixture()
+def tables(tmp_path: Path) -> dict:
+    made = _fabricate(tmp_path)
+    m = made["manifests"]
+    specs = configured_embeddings(
+        ["ctranspath", "gigapath_tile"], ["virchow2"], [2], ["gigapath_slide"]
+    )
+    build_cohort_embeddings(
+        [{"slide_id": s, "patient": p, "cohort": "C", "stain": st} for s, p, st, _ in SLIDES],
+        [vars(spec) for spec in specs],
+        m["attention"],
+        {"ctranspath": m["ctranspath"], "gigapath_tile": m["gigapath_tile"]},
+        {"virchow2": m["virchow2"]},
+        {"gigapath_slide": m["gigapath_slide"]},
+        {"aggregation": "mean", "slide_encoder_levels": {"gigapath_slide": "patient"}},
+        str(tmp_path / "slides.h5"),
+        str(tmp_path / "patients.h5"),
+        str(tmp_path / "compute.csv"),
+        {"IHC": str(tmp_path / "patients_IHC.h5")},
+    )
+    return {"dir": tmp_path, **made}
+
+
+def test_a_stain_table_holds_that_stains_slides_only(tables):
+    ihc, attrs = read_h5(tables["dir"] / "patients_IHC.h5")
+    assert ihc["patient"].tolist() == [b"PA"] and attrs["stain"] == "IHC"
+    np.testing.assert_allclose(
+        ihc["meanpool_ctranspath"][0], tables["feats"]["A2", "ctranspath"].mean(0), rtol=1e-5
+    )
+    bag, _ = read_h5(tables["dir"] / "bags" / "PA.IHC.h5")
+    np.testing.assert_array_equal(ihc["gigapath_slide"][0], bag["embedding"])
+
+
+def test_a_patients_slide_encoder_embedding_weights_its_stain_bags_by_tiles(tables):
+    patients, _ = read_h5(tables["dir"] / "patients.h5")
+    he, _ = read_h5(tables["dir"] / "bags" / "PA.HE.h5")
+    ihc, _ = read_h5(tables["dir"] / "bags" / "PA.IHC.h5")
+    expected = (5 * he["embedding"].astype(np.float64) + 3 * ihc["embedding"]) / 8
+    np.testing.assert_allclose(patients["gigapath_slide"][0], expected, rtol=1e-5)
+    both = np.concatenate(
+        [tables["feats"]["A1", "ctranspath"], tables["feats"]["A2", "ctranspath"]]
+    )
+    np.testing.assert_allclose(
+        patients["meanpool_ctranspath"][0], both.mean(0), rtol=1e-5, atol=1e-6
+    )
+    slides, _ = read_h5(tables["dir"] / "slides.h5")
+    assert "gigapath_slide" not in slides  # bags are patients: no slide-level embedding
+    assert slides["stain"].tolist() == [b"HE", b"IHC", b"HE"]
+
+
+def test_compute_rows_count_forwards_and_seconds_per_slide(tables):
+    compute = pd.read_csv(tables["dir"] / "compute.csv").set_index("embedding")
+    tiles = np.mean([n for *_, n in SLIDES])
+    assert compute.loc["meanpool_gigapath_tile", "tile_forwards_per_slide"] == pytest.approx(tiles)
+    assert compute.loc["eagle", "tile_forwards_per_slide"] == pytest.approx(tiles + 2)
+    assert compute.loc["chief", "seconds_per_slide"] == pytest.approx(2.0)  # CTransPath + CHIEF
+    assert compute.loc["eagle", "seconds_per_slide"] == pytest.approx(6.0)
+    # the slide encoder: its tile encoder's seconds, plus 3 bags x 2 s over 3 slides
+    assert compute.loc["gigapath_slide", "seconds_per_slide"] == pytest.approx(3.0)
+    assert compute.loc["gigapath_slide", "slide_forwards_per_slide"] == pytest.approx(1.0)
+    assert compute.loc["meanpool_gigapath_tile", "demo_weights"] == "gigapath_tile"
