@@ -48,7 +48,7 @@ def topk_figure(
     thumb = read_level_downscaled(slide, info, level, min(1.0, scale_in_level))
     scale = thumb.shape[1] / info.width
     size = int(attrs["tile_size_level0_px"]) * scale
-    for rank, (x, y) in enumerate(topk["coords"], start=1):
+    for rank, (x, y) in enumerate(topk["coords_level0_px"], start=1):
         p0 = (round(x * scale), round(y * scale))
         p1 = (round(x * scale + size), round(y * scale + size))
         cv2.rectangle(thumb, p0, p1, (230, 0, 0), 2)
