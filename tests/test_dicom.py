@@ -86,8 +86,8 @@ def test_a_dicom_folder_goes_through_the_workflow_tiling(converted, tmp_path):
     work = tmp_path / "work"
     args = make_tiling_workdir(work, {"DCM-1": folder, "SVS-1": svs})
     run([*args, "--cores", "2"], cwd=work)
-    dicom, _ = read_tiles(work / "results" / "tiles" / "DCM-1.h5")
-    from_svs, _ = read_tiles(work / "results" / "tiles" / "SVS-1.h5")
+    dicom, _ = read_tiles(work / "results" / "tiles" / "224px_2mpp" / "DCM-1.h5")
+    from_svs, _ = read_tiles(work / "results" / "tiles" / "224px_2mpp" / "SVS-1.h5")
     assert len(dicom) > 0 and np.array_equal(dicom, from_svs)
     assert (work / "results" / "qc" / "tiles" / "DCM-1.png").is_file()
     assert "tiling_tile_slide" not in job_counts(run([*args, "-n"], cwd=work).stdout)

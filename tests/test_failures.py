@@ -33,8 +33,10 @@ def run_dir(tmp_path: Path) -> Path:
         rows.append(f"{patient},S{i},slides/s{i}.tif,{'0.5' if i == 1 else ''}")
     (tmp_path / "data" / "slides.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     (tmp_path / "config.yaml").write_text("slide_sheet: data/slides.csv\n", encoding="utf-8")
-    (tmp_path / "results" / "tiles").mkdir(parents=True)
-    (tmp_path / "results" / "tiles" / "S1.h5").write_bytes(b"complete")
+    for grid in ("224px_2mpp", "256px_0.5mpp"):  # S1 on every grid, S3 on one only
+        (tmp_path / "results" / "tiles" / grid).mkdir(parents=True)
+        (tmp_path / "results" / "tiles" / grid / "S1.h5").write_bytes(b"complete")
+    (tmp_path / "results" / "tiles" / "224px_2mpp" / "S3.h5").write_bytes(b"complete")
     logs = tmp_path / "logs" / "tiling"
     logs.mkdir(parents=True)
     (logs / "S1.log").write_text(log_line("INFO", "done"), encoding="utf-8")

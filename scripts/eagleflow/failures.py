@@ -34,13 +34,16 @@ def tiling_status(
 ) -> list[SlideStatus]:
     """Each sheet slide's tiling outcome, read from results/tiles/ and logs/tiling/ under `workdir`.
 
-    A tiles file under its final name is complete (outputs are renamed into place when done).
+    A tiles file under its final name is complete (outputs are renamed into place when done); a
+    slide is tiled when every grid folder (results/tiles/<grid>/) holds its file.
     """
     workdir = Path(workdir)
     sheet = read_slide_sheet(slide_sheet, check_paths=False)
+    tiles = workdir / "results" / "tiles"
+    grids = sorted(p for p in tiles.iterdir() if p.is_dir()) if tiles.is_dir() else []
     statuses = []
     for slide_id, patient in zip(sheet.index, sheet["PATIENT"], strict=True):
-        if (workdir / "results" / "tiles" / f"{slide_id}.h5").is_file():
+        if grids and all((grid / f"{slide_id}.h5").is_file() for grid in grids):
             statuses.append(SlideStatus(slide_id, patient, "tiled", ""))
             continue
         log_path = workdir / "logs" / "tiling" / f"{slide_id}.log"
