@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 
 from eagleflow.evaluation import DELONG_COLUMNS, METRIC_COLUMNS, delong_rows, set_metric_rows
-from eagleflow.h5io import write_h5
+from eagleflow.h5io import COMPUTE_COLUMNS, write_h5
 from eagleflow.stats import METRICS, benjamini_hochberg
 from eagleflow.summary import (
-    COMPUTE_COLUMNS,
     comparison_columns,
     comparison_table,
     summarize_run,

@@ -24,20 +24,17 @@ from eagleflow.batches import read_manifest
 from eagleflow.eagle import aggregate, softmax
 from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, SLIDE_ENCODERS, EmbeddingSpec
 from eagleflow.feature_files import read_feats_mean
-from eagleflow.h5io import EMBEDDINGS_FORMAT, read_attrs, read_h5, write_csv, write_h5
+from eagleflow.h5io import (
+    COMPUTE_COLUMNS,
+    EMBEDDINGS_FORMAT,
+    read_attrs,
+    read_h5,
+    write_csv,
+    write_h5,
+)
 from eagleflow.provenance import provenance_attrs
 
 log = logging.getLogger(__name__)
-
-COMPUTE_COLUMNS = (
-    "embedding",
-    "kind",
-    "description",
-    "tile_forwards_per_slide",
-    "slide_forwards_per_slide",
-    "seconds_per_slide",
-    "demo_weights",
-)
 
 
 @dataclass

@@ -27,6 +27,17 @@ TILES_FORMAT = "eagleflow.tiles/1"
 ATTENTION_FORMAT = "eagleflow.attention/2"
 TOPK_FORMAT = "eagleflow.topk/2"
 EMBEDDINGS_FORMAT = "eagleflow.embeddings/2"
+# results/embeddings/compute.csv: what each embedding cost per slide (written by the cohort
+# tables, read by the comparison).
+COMPUTE_COLUMNS = (
+    "embedding",
+    "kind",
+    "description",
+    "tile_forwards_per_slide",
+    "slide_forwards_per_slide",
+    "seconds_per_slide",
+    "demo_weights",
+)
 
 
 class FormatError(EagleflowError, ValueError):

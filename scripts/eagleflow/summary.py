@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from eagleflow.evaluation import DELONG_COLUMNS, FEWSHOT_COLUMNS, METRIC_COLUMNS
-from eagleflow.h5io import read_attrs, write_csv
+from eagleflow.h5io import COMPUTE_COLUMNS, read_attrs, write_csv
 from eagleflow.provenance import code_version
 from eagleflow.stats import (
     METRIC_TITLES,
@@ -26,15 +26,6 @@ from eagleflow.stats import (
 
 log = logging.getLogger(__name__)
 
-COMPUTE_COLUMNS = [
-    "embedding",
-    "kind",
-    "description",
-    "tile_forwards_per_slide",
-    "slide_forwards_per_slide",
-    "seconds_per_slide",
-    "demo_weights",
-]
 # what the comparison carries over from compute.csv, joined by embedding
 COMPARISON_COMPUTE = [
     "tile_forwards_per_slide",
