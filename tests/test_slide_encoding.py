@@ -14,11 +14,11 @@ import torch
 from model_fixtures import fabricate_state_dict, key_spec_or_skip, save_checkpoint
 
 import eagleflow.models
-from eagleflow.h5io import read_attrs, read_h5, write_h5
+from eagleflow.feature_files import write_tile_features
+from eagleflow.h5io import read_attrs, read_h5
 from eagleflow.models import gigapath_slide as gs
 from eagleflow.provenance import SCRIPTS_DIR
 from eagleflow.slide_encoding import (
-    BAG_FEATURES_FORMAT,
     SlideLayoutError,
     bag_positions,
     run_slide_encoder_batch,
@@ -54,20 +54,18 @@ def write_features(
     """A per-slide Prov-GigaPath tile-feature file (eagleflow.features/2)."""
     mpp = mpp if mpp is not None else 128 / tile_size  # 256 px at 0.5 µm/px = 128 µm tiles
     feats = np.random.default_rng(seed).normal(size=(len(coords), 1536)).astype(np.float32)
-    write_h5(
+    write_tile_features(
         path,
-        {
-            "feats": feats,
-            "coords_level0_px": coords.astype(np.int64),
-            "coords": coords * mpp,
-        },
-        {
-            "format": BAG_FEATURES_FORMAT,
+        feats,
+        coords.astype(np.int64),
+        mpp=mpp,
+        tile_size_px=256,
+        tile_size_um=128.0,
+        encoder="gigapath_tile",
+        attrs={
             "tile_size_level0_px": tile_size,
-            "mpp": mpp,
             "tile_px": 256,
             "tile_mpp": 0.5,
-            "tile_size_um": 128.0,
             "gigapath_tile_weights_demo": "true" if tile_demo else "false",
             "gigapath_tile_weights_sha256": "demo" if tile_demo else "ab" * 32,
         },

@@ -22,13 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from eagleflow.batches import digest
 from eagleflow.errors import EagleflowError
-from eagleflow.h5io import FormatError
+from eagleflow.feature_files import FEATURES_FORMAT, read_tile_features
+from eagleflow.h5io import FormatError, read_attrs
 from eagleflow.model_stage import Models, Pending, StageOutput, run_model_stage
 from eagleflow.models import gigapath_slide as gs
 
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 STAGE = "slide_encoder_gigapath"
 MODEL = "gigapath_slide"
 TILE_MODEL = "gigapath_tile"
-BAG_FEATURES_FORMAT = "eagleflow.features/2"
 SLIDE_EMBEDDING_FORMAT = "eagleflow.slide_embedding/1"
 SLIDE_EMBEDDING_SHAPES: dict[str, tuple[int | str | None, ...]] = {
     "embedding": (768,),
@@ -75,45 +74,26 @@ class BagSlide:
 
 
 def read_bag_slide(path: str, with_data: bool = True) -> BagSlide:
-    """A per-slide tile-feature file (eagleflow.features/2); attributes only if not `with_data`.
-
-    The one place that knows that file's layout (so it can be swapped for its own reader).
-    """
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = {
-                key: value.decode() if isinstance(value, bytes) else value
-                for key, value in h5.attrs.items()
-            }
-            if attrs.get("format") != BAG_FEATURES_FORMAT:
-                raise FormatError(
-                    f"{path}: not a {BAG_FEATURES_FORMAT} file (format {attrs.get('format')!r})"
-                )
-            missing = [k for k in ("content_sha256", "tile_size_level0_px") if k not in attrs]
-            if missing:
-                raise FormatError(f"{path}: attribute(s) {', '.join(missing)} missing")
-            feats = coords = None
-            if with_data:
-                feats = h5["feats"][()]
-                coords = h5["coords_level0_px"][()]
-    except (OSError, KeyError) as err:
-        raise FormatError(f"{path}: unreadable or incomplete file ({err})") from err
-    if with_data and (
-        feats.ndim != 2
-        or feats.shape[1] != TILE_DIM
-        or coords.shape != (len(feats), 2)
-        or not np.issubdtype(coords.dtype, np.integer)
-    ):
-        raise FormatError(
-            f"{path}: feats must be (N, {TILE_DIM}) and coords_level0_px (N, 2) integers, got "
-            f"{feats.shape} and {coords.shape} {coords.dtype}"
-        )
-    return BagSlide(
-        feats=None if feats is None else feats.astype(np.float32, copy=False),
-        coords_level0=None if coords is None else coords.astype(np.int64, copy=False),
-        tile_size_level0=int(attrs["tile_size_level0_px"]),
-        attrs=attrs,
-    )
+    """A per-slide tile-feature file (eagleflow.feature_files); attributes only if not
+    `with_data` (the up-to-date check reads no patient's features)."""
+    feats = coords = None
+    if with_data:
+        feats, coords, attrs = read_tile_features(path)
+        if feats.shape[1] != TILE_DIM:
+            raise FormatError(f"{path}: feats must be (N, {TILE_DIM}), got {feats.shape}")
+    else:
+        try:
+            attrs = read_attrs(path)
+        except OSError as err:
+            raise FormatError(f"{path}: unreadable or incomplete file ({err})") from err
+        if attrs.get("format") != FEATURES_FORMAT:
+            raise FormatError(
+                f"{path}: not a {FEATURES_FORMAT} file (format {attrs.get('format')!r})"
+            )
+    missing = [k for k in ("content_sha256", "tile_size_level0_px") if k not in attrs]
+    if missing:
+        raise FormatError(f"{path}: attribute(s) {', '.join(missing)} missing")
+    return BagSlide(feats, coords, int(attrs["tile_size_level0_px"]), attrs)
 
 
 def slide_cells(coords_level0: np.ndarray, tile_size_level0: int) -> np.ndarray:
