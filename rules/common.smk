@@ -15,6 +15,7 @@ from eagleflow.sheets import (  # noqa: E402
     check_sheets_agree,
     read_clinical_table,
     read_slide_sheet,
+    sheet_stains,
 )
 from eagleflow.batches import assign_batches  # noqa: E402
 from eagleflow.mpp import check_mpp_settings  # noqa: E402
@@ -59,12 +60,8 @@ check_sheets_agree(
     config["clinical_table"],
     config["sheets"]["allow_patients_without_slides"],
 )
-SLIDE_STAINS = (
-    SLIDES["STAIN"].to_dict()
-    if "STAIN" in SLIDES
-    else dict.fromkeys(SLIDES.index, "HE")
-)
-STAINS = sorted(set(SLIDE_STAINS.values()))
+SLIDE_STAINS = SLIDES["STAIN"].to_dict()  # the sheet's STAIN, HE where it gives none
+STAINS = sheet_stains(SLIDES)
 
 # Encoders: which run on every tile (each at its grid), which embed EAGLE's top-k, which encode
 # bags of tile embeddings; and the embeddings they make, in report order.
@@ -100,6 +97,7 @@ BATCHES = list(BATCH_SLIDES)
 # Plain dicts for the per-job functions: a pandas lookup costs ~50 µs, 10,000 of them a second.
 SLIDE_PATHS = SLIDES["PATH"].to_dict()
 SLIDE_MPPS = SLIDES["MPP"].to_dict()
+SLIDE_PATIENTS = SLIDES["PATIENT"].to_dict()
 
 # Label columns, classes, cohorts and fold counts of every task fail here, before any slide runs.
 TASKS = validate_tasks(
@@ -110,6 +108,12 @@ TASKS = validate_tasks(
     clinical_path=config["clinical_table"],
     embedding_names=EMBEDDING_NAMES,
 )
+# Stain -> patient table from that stain's slides only, for the tasks restricted to a stain.
+STAIN_TABLES = {
+    task.stain: f"results/embeddings/{task.embeddings_table}.h5"
+    for task in sorted(TASKS.values(), key=lambda task: str(task.stain))
+    if task.stain is not None
+}
 
 
 def alternatives(names):
@@ -228,15 +232,6 @@ def eagle_params():
     }
 
 
-def eagle_batch_size():
-    return config["eagle"]["batch_size"]
-
-
-def tile_encoder_batch_size(encoder):
-    settings = config["tile_encoders"][encoder] or {}
-    return settings.get("batch_size", config["features"]["batch_size"])
-
-
 def patient_bags(name):
     """Slide-encoder bags: per patient and stain (one pass over its slides), or per slide."""
     level = SLIDE_ENCODER_CONFIG[name]["level"]
@@ -245,7 +240,7 @@ def patient_bags(name):
         bag = (
             slide
             if level == "slide"
-            else f"{SLIDES.at[slide, 'PATIENT']}.{SLIDE_STAINS[slide]}"
+            else f"{SLIDE_PATIENTS[slide]}.{SLIDE_STAINS[slide]}"
         )
         bags.setdefault(bag, []).append(slide)
     return bags
@@ -265,7 +260,7 @@ def slide_encoder_bags(wildcards):
     return [
         {
             "slide_id": bag,
-            "patient": str(SLIDES.at[bags[bag][0], "PATIENT"]),
+            "patient": str(SLIDE_PATIENTS[bags[bag][0]]),
             "slides": [
                 {
                     "slide_id": slide,
@@ -315,18 +310,9 @@ def embedding_specs():
     ]
 
 
-def stain_tables():
-    """Stain -> patient table from that stain's slides only, for tasks restricted to a stain."""
-    stains = sorted(
-        {task.stain for task in TASKS.values() if getattr(task, "stain", None)}
-    )
-    return {stain: f"results/embeddings/patients_{stain}.h5" for stain in stains}
-
-
 def task_embeddings_table(wildcards):
     """The patient table a task trains on: all slides, or those of its stain."""
-    stain = getattr(TASKS[wildcards.task], "stain", None)
-    return stain_tables()[stain] if stain else "results/embeddings/patients.h5"
+    return f"results/embeddings/{TASKS[wildcards.task].embeddings_table}.h5"
 
 
 def file_stems(folder, suffix):
@@ -363,7 +349,7 @@ def final_outputs():
             "results/embeddings/patients.h5",
             "results/embeddings/compute.csv",
         ]
-        + list(stain_tables().values())
+        + list(STAIN_TABLES.values())
         + evaluation_outputs()
     )
 

@@ -19,7 +19,7 @@ rule embeddings_collect:
     output:
         slides="results/embeddings/slides.h5",
         patients="results/embeddings/patients.h5",
-        stain_tables=list(stain_tables().values()),
+        stain_tables=list(STAIN_TABLES.values()),
         compute="results/embeddings/compute.csv",
     log:
         "logs/embeddings/collect.log",
@@ -35,7 +35,7 @@ rule embeddings_collect:
         code=stage_code_digest("embeddings_collect"),
         slides=sheet_rows(),
         embeddings=embedding_specs(),
-        stain_tables=stain_tables(),
+        stain_tables=STAIN_TABLES,
         eagle={
             "aggregation": config["eagle"]["aggregation"],
             "slide_encoder_levels": {
