@@ -280,7 +280,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(coords, level0)
     assert attrs["content_sha256"] == digest and attrs["format"] == FEATURES_FORMAT
     assert attrs["slide_id"] == "s" and attrs["n_tiles"] == len(level0)
-    mean, n_tiles = read_feats_mean(tmp_path / "s.h5")
+    mean, n_tiles, _ = read_feats_mean(tmp_path / "s.h5")
     assert n_tiles == len(level0) and mean.dtype == np.float32
     np.testing.assert_allclose(mean, feats16.astype(np.float64).mean(axis=0), rtol=1e-6, atol=1e-7)
     assert validate_tile_features(tmp_path / "s.h5", dim=768)["feature_dim"] == 768
@@ -290,7 +290,7 @@ def test_feats_mean_is_read_without_touching_feats(tmp_path):
     write(tmp_path / "s.h5")
     with h5py.File(tmp_path / "s.h5", "r+") as h5:
         del h5["feats"]
-    mean, n_tiles = read_feats_mean(tmp_path / "s.h5")
+    mean, n_tiles, _ = read_feats_mean(tmp_path / "s.h5")
     assert mean.shape == (768,) and n_tiles == 12
     with pytest.raises(FormatError):
         read_tile_features(tmp_path / "s.h5")

@@ -27,7 +27,6 @@ from eagleflow.feature_files import read_feats_mean
 from eagleflow.h5io import (
     COMPUTE_COLUMNS,
     EMBEDDINGS_FORMAT,
-    read_attrs,
     read_h5,
     write_csv,
     write_h5,
@@ -93,8 +92,7 @@ def load_slide_records(
         record.cost["chief"] = (0.0, float(attrs.get("compute_seconds", 0.0)))
         record.demo["chief"] = demo_models(attrs)
         for encoder, files in feature_files.items():
-            mean, n = read_feats_mean(files[sid])
-            attrs = read_attrs(files[sid])
+            mean, n, attrs = read_feats_mean(files[sid])
             record.means[encoder] = (mean, n)
             record.cost[f"features:{encoder}"] = (
                 float(attrs.get("tile_forwards", n)),
@@ -159,7 +157,7 @@ def weighted_mean(vectors: Sequence[np.ndarray], counts: Sequence[int]) -> np.nd
     return ((weights[:, None] * stacked).sum(0) / weights.sum()).astype(np.float32)
 
 
-def bag_ids(record: SlideRecord, level: str) -> str:
+def bag_of(record: SlideRecord, level: str) -> str:
     """The slide-encoder bag of a slide: the slide itself, or its patient's slides of its stain."""
     return record.slide_id if level == "slide" else f"{record.patient}.{record.stain}"
 
@@ -179,7 +177,7 @@ def embed_group(
     if spec.kind == "meanpool":
         means = [r.means[spec.encoder] for r in records]
         return weighted_mean([m for m, _ in means], [n for _, n in means])
-    members = list(dict.fromkeys(bag_ids(r, level) for r in records))
+    members = list(dict.fromkeys(bag_of(r, level) for r in records))
     return weighted_mean(
         [bags[b]["embedding"] for b in members], [bags[b]["n_tiles"] for b in members]
     )

@@ -239,15 +239,17 @@ def read_tile_features(
     return feats, level0, attrs
 
 
-def read_feats_mean(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
-    """(mean feature over tiles (D,) float32, number of tiles); reads nothing else."""
+def read_feats_mean(path: str | os.PathLike[str]) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """(mean feature over tiles (D,) float32, number of tiles, attributes); no other dataset is
+    read (the cohort tables open every slide's file of every encoder once)."""
     try:
         with h5py.File(path, "r") as h5:
             _check_format(h5, path)
             mean = h5["feats_mean"][()]
-            n_tiles = int(h5.attrs["n_tiles"])
+            attrs = _attrs_of(h5)
+            n_tiles = int(attrs["n_tiles"])
     except (OSError, KeyError) as err:
         raise FormatError(f"{path}: unreadable or incomplete file ({err})") from err
     if mean.ndim != 1 or mean.dtype != np.float32 or n_tiles < 1:
         raise FormatError(f"{path}: feats_mean {mean.shape} {mean.dtype}, n_tiles {n_tiles}")
-    return mean, n_tiles
+    return mean, n_tiles, attrs
