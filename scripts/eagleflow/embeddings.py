@@ -51,6 +51,7 @@ class SlideRecord:
     topk: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> datasets
     cost: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (forwards, s)
     demo: dict[str, set[str]] = field(default_factory=dict)  # stage -> models with demo weights
+    grids: dict[str, tuple[int, float]] = field(default_factory=dict)  # features:<enc> -> px, mpp
 
     def demo_models(self) -> set[str]:
         return set().union(*self.demo.values())
@@ -63,6 +64,17 @@ def demo_models(attrs: Mapping[str, Any]) -> set[str]:
         for key, value in attrs.items()
         if key.endswith("_weights_demo") and value == "true"
     }
+
+
+def tile_grid(attrs: Mapping[str, Any]) -> tuple[int, float]:
+    """(tile px, tile µm/px) a features file was read at, from its attributes (NaN if absent)."""
+    try:
+        px = int(attrs.get("tile_px", attrs["tile_size_px"]))
+        mpp = float(attrs.get("tile_mpp", float(attrs["tile_size_um"]) / px))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0, float("nan")
+    # tile_size_um / px of 1.14 µm/px is 1.1400000000000001: keep the configured figure
+    return px, float(f"{mpp:.6g}")
 
 
 def _merge_manifests(manifests: Sequence[str]) -> dict[str, str]:
@@ -99,6 +111,7 @@ def load_slide_records(
                 float(attrs.get("compute_seconds", 0.0)),
             )
             record.demo[f"features:{encoder}"] = demo_models(attrs)
+            record.grids[f"features:{encoder}"] = tile_grid(attrs)
         for encoder, files in topk_files.items():
             data, attrs = read_h5(files[sid])
             record.topk[encoder] = data
@@ -208,6 +221,14 @@ def compute_row(
     """
     forwards = seconds = slide_forwards = 0.0
     demo: set[str] = set()
+    # the grid its tiles were read at: its first tile-encoder stage (EAGLE, CHIEF: the selection's)
+    grid_stage = next(s for s in stages_of(spec) if s.startswith("features:"))
+    grids = list(dict.fromkeys(r.grids[grid_stage] for r in records if grid_stage in r.grids))
+    if len(grids) > 1:
+        log.warning(
+            "%s: slides read at different grids %s; compute.csv lists the first", spec.name, grids
+        )
+    tile_px, tile_mpp = grids[0] if grids else (0, float("nan"))
     for r in records:
         for stage in stages_of(spec):
             f, s = r.cost[stage]
@@ -226,8 +247,11 @@ def compute_row(
     n = max(len(records), 1)
     return {
         "embedding": spec.name,
+        "base": spec.name.split("@", 1)[0],
         "kind": spec.kind,
         "description": spec.description,
+        "tile_px": tile_px or None,
+        "tile_mpp": tile_mpp,
         "tile_forwards_per_slide": forwards / n,
         "slide_forwards_per_slide": slide_forwards / n,
         "seconds_per_slide": seconds / n,

@@ -28,11 +28,16 @@ ATTENTION_FORMAT = "eagleflow.attention/2"
 TOPK_FORMAT = "eagleflow.topk/2"
 EMBEDDINGS_FORMAT = "eagleflow.embeddings/2"
 # results/embeddings/compute.csv: what each embedding cost per slide (written by the cohort
-# tables, read by the comparison).
+# tables, read by the comparison). `base` is the name before '@' (`eagle@0.5mpp` -> `eagle`);
+# tile_px/tile_mpp the grid its tiles were read at (EAGLE and CHIEF: the selection grid), so the
+# comparison never parses magnifications from names.
 COMPUTE_COLUMNS = (
     "embedding",
+    "base",
     "kind",
     "description",
+    "tile_px",
+    "tile_mpp",
     "tile_forwards_per_slide",
     "slide_forwards_per_slide",
     "seconds_per_slide",
