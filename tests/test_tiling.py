@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
 
-from eagleflow.h5io import FormatError, read_tiles, validate_tiles
+from eagleflow.h5io import TILES_FORMAT, FormatError, read_tiles, validate_tiles
 from eagleflow.slides import SlideError
 from eagleflow.tiling import (
     TilingParams,
@@ -100,7 +102,7 @@ def test_truncated_tiles_file_is_rejected(make_slide, tmp_path):
         validate_tiles(out)
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["coords"] = np.zeros((2, 2), dtype=np.int64)
-    with pytest.raises(FormatError, match=r"not a eagleflow\.tiles/1 file"):
+    with pytest.raises(FormatError, match=rf"not a {re.escape(TILES_FORMAT)} file"):
         validate_tiles(tmp_path / "other.h5")
 
 

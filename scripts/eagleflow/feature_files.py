@@ -26,7 +26,7 @@ import numpy as np
 
 from eagleflow.h5io import FormatError, validate_h5, write_h5
 
-FEATURES_FORMAT = "eagleflow.features/2"
+FEATURES_FORMAT = "eagleflow.features/3"
 FEATURES_SHAPES: dict[str, tuple[int | str | None, ...]] = {
     "feats": ("N", "D"),
     "coords": ("N", 2),

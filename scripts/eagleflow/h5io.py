@@ -23,7 +23,7 @@ from eagleflow.errors import EagleflowError
 if TYPE_CHECKING:  # pandas stays out of the planning-time imports
     import pandas as pd
 
-TILES_FORMAT = "eagleflow.tiles/1"
+TILES_FORMAT = "eagleflow.tiles/2"
 ATTENTION_FORMAT = "eagleflow.attention/2"
 TOPK_FORMAT = "eagleflow.topk/2"
 EMBEDDINGS_FORMAT = "eagleflow.embeddings/2"

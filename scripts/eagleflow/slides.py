@@ -279,6 +279,56 @@ def level0_tile_size(mpp: float, tile_px: int, tile_mpp: float) -> int:
     return max(1, round(tile_px * tile_mpp / mpp))
 
 
+def level_factor(
+    level_dimensions: Sequence[tuple[int, int]], level_downsamples: Sequence[float], level: int
+) -> float:
+    """Level-0 pixels per pixel of `level` along each axis: the placement rule's one factor.
+
+    Scanners build each level by an integer downsample n and round its size (an Aperio level 1
+    of 46,000 x 32,914 px is 11,500 x 8,228 px), so OpenSlide reports a downsample such as
+    4.00012 (the mean of the two size ratios) although level pixel i covers level-0 pixels
+    [n*i, n*i + n). When both sides of the level are W0 / n rounded down or up, the factor is
+    that n; otherwise (a pyramid with a genuinely fractional ratio) OpenSlide's downsample.
+    """
+    if level == 0:
+        return 1.0
+    (w0, h0), (w, h) = level_dimensions[0], level_dimensions[level]
+    n = round(level_downsamples[level])
+    if n >= 1 and w in (w0 // n, -(-w0 // n)) and h in (h0 // n, -(-h0 // n)):
+        return float(n)
+    return float(level_downsamples[level])
+
+
+def level_origins(coords: np.ndarray, factor: float) -> np.ndarray:
+    """The placement rule: level-0 (x, y) -> the nearest whole pixel of a level of `factor`.
+
+    Where x is a multiple of an integer factor (every grid tile of our tilings) this is exact;
+    elsewhere the tile moves by at most factor / 2 level-0 px, and is read, not interpolated.
+    """
+    return np.floor(np.asarray(coords, dtype=np.float64) / factor + 0.5).astype(np.int64)
+
+
+def level_tile_side(size_level0: int, factor: float) -> int:
+    """Read-level side of a level-0 tile side (the region resampled to tile_px)."""
+    return max(1, round(size_level0 / factor))
+
+
+def grid_tile_size(info: SlideInfo, tile_px: int, tile_mpp: float) -> tuple[int, int]:
+    """(read level, level-0 tile side) of a grid: the side is a whole number of read-level px.
+
+    So every grid origin (a multiple of the side) is a whole read-level pixel and a tile is cut
+    from stored pixels, never interpolated; the side is within factor / 2 level-0 px (half a
+    read-level pixel) of `tile_px * tile_mpp` µm, and the effective MPP is recorded.
+    """
+    level = best_level(info, tile_mpp)
+    factor = level_factor(info.level_dimensions, info.level_downsamples, level)
+    nominal = tile_px * tile_mpp / info.mpp
+    if factor != round(factor):  # a fractional pyramid: whole level-0 px, positions snapped
+        return level, max(1, round(nominal))
+    n = round(factor)
+    return level, n * max(1, round(nominal / n))
+
+
 def rgba_to_rgb(region: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's premultiplied RGBA on white (transparent = outside the scanned area)."""
     rgb = region[..., :3].astype(np.uint16)

@@ -21,7 +21,9 @@ from eagleflow.slides import (
     SlideError,
     SlideInfo,
     best_level,
-    level0_tile_size,
+    grid_tile_size,
+    level_factor,
+    level_origins,
     open_slide,
     read_level_downscaled,
     slide_info,
@@ -85,6 +87,27 @@ class TileTable:
     @property
     def effective_mpp(self) -> float:
         return self.tile_size_level0 * self.info.mpp / self.params.tile_px
+
+    def placement_attrs(self) -> dict[str, object]:
+        """How the tiles were placed on the read level, for the tiles file's attributes."""
+        info = self.info
+        factor = level_factor(info.level_dimensions, info.level_downsamples, self.read_level)
+        coords = np.concatenate([self.coords, self.rejected_coords]).reshape(-1, 2)
+        read_at = level_origins(coords, factor) * factor  # level-0 point of each tile's pixels
+        offset = float(np.abs(read_at - coords).max(initial=0.0))
+        # where OpenSlide's read_region (x / its downsample) would have put the same pixels
+        openslide_at = read_at / factor * info.level_downsamples[self.read_level]
+        return {
+            "coord_placement": (
+                "each tile is the read level's pixels from the nearest whole pixel to "
+                "(x, y) / read_level_factor, never interpolated (eagleflow.tilereader)"
+            ),
+            "read_level_factor": factor,
+            "coords_max_offset_level0_px": offset,
+            "coords_max_offset_openslide_level0_px": float(
+                np.abs(openslide_at - coords).max(initial=0.0)
+            ),
+        }
 
 
 def tissue_mask(rgb: np.ndarray, params: TilingParams) -> np.ndarray:
@@ -249,7 +272,7 @@ def tile_slide_grids(
     # every grid's geometry first: a slide too small for any grid fails before a pixel is read
     geometry = []
     for grid in grids:
-        size = level0_tile_size(info.mpp, grid.tile_px, grid.tile_mpp)
+        _, size = grid_tile_size(info, grid.tile_px, grid.tile_mpp)
         xs, ys = grid_origins(info.width, info.height, size, params.border)
         if len(xs) == 0 or len(ys) == 0:
             raise _too_small(label, info, grid)
@@ -473,7 +496,7 @@ def run_tiling(
             provenance = provenance_attrs(
                 "tiling_tile_slide", {**table.params.as_dict(), "sheet_mpp": sheet_mpp}
             )
-            write_tiles(path, table, provenance)
+            write_tiles(path, table, {**provenance, **table.placement_attrs()})
     except BaseException:
         # a slide is tiled on every grid or on none: later stages never see a partial set
         for output in (*paths, qc_png):

@@ -40,6 +40,22 @@ def _aperio_description(spec: SlideSpec, w: int, h: int, level_w: int, level_h: 
     return "|".join(fields)
 
 
+def scanner_level(image: np.ndarray, d: int, rounding: str) -> np.ndarray:
+    """`image` shrunk by exactly `d` as a scanner does (pixel i = the mean of pixels d*i to
+    d*i + d - 1), its size W / d rounded ``"ceil"`` (the last pixel averages what is left) or
+    ``"floor"`` (the remainder dropped)."""
+    h, w = image.shape[:2]
+    if rounding == "floor":
+        return cv2.resize(
+            image[: h // d * d, : w // d * d], (w // d, h // d), interpolation=cv2.INTER_AREA
+        )
+    if rounding != "ceil":
+        raise ValueError(f"level rounding must be 'ceil' or 'floor', not {rounding!r}")
+    pad_h, pad_w = -(-h // d) * d - h, -(-w // d) * d - w
+    big = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+    return cv2.resize(big, (-(-w // d), -(-h // d)), interpolation=cv2.INTER_AREA)
+
+
 def write_pyramid_tiff(
     dest: io.BytesIO | Path,
     image: np.ndarray,
@@ -47,17 +63,24 @@ def write_pyramid_tiff(
     fmt: SlideFormat,
     spec: SlideSpec | None = None,
     downsamples: list[int] | None = None,
+    rounding: str | None = None,
 ) -> list[tuple[int, int]]:
     """Write a tiled JPEG pyramid (levels as successive IFDs); return the level sizes (w, h).
 
     ``fmt="aperio"`` stores MPP in the Aperio ImageDescription and adds a stripped thumbnail as
     the second IFD, as real SVS files have; ``"generic-tiff"`` stores it in the resolution tags.
-    ``mpp=None`` with ``"generic-tiff"`` writes no scale at all.
+    ``mpp=None`` with ``"generic-tiff"`` writes no scale at all. ``rounding`` ("ceil" or
+    "floor") builds each level from level 0 as a scanner does (`scanner_level`), so its size
+    is rounded and OpenSlide's downsample is fractional (4.0002 instead of 4) when W is not a
+    multiple; None resizes to W // d (the demo's slides).
     """
     h, w = image.shape[:2]
     downsamples = downsamples or pyramid_downsamples(w, h)
     levels = [image]
     for prev, d in itertools.pairwise(downsamples):
+        if rounding is not None:
+            levels.append(scanner_level(image, d, rounding))
+            continue
         size = (max(1, w // d), max(1, h // d))
         source = levels[-1] if d % prev == 0 else image
         levels.append(cv2.resize(source, size, interpolation=cv2.INTER_AREA))
