@@ -99,6 +99,20 @@ rule evaluation_summary:
             subcategory="All tasks",
             labels={"table": "comparison, metrics, DeLong, few-shot"},
         ),
+        grid=report(
+            "results/evaluation/comparison_grid.csv",
+            caption="../report/evaluation_tables.rst",
+            category="Classification",
+            subcategory="All tasks",
+            labels={"table": "comparison: embeddings x magnifications (CSV)"},
+        ),
+        efficiency=report(
+            "results/evaluation/efficiency.png",
+            caption="../report/evaluation_efficiency.rst",
+            category="Classification",
+            subcategory="All tasks",
+            labels={"figure": "AUROC against compute per slide"},
+        ),
         comparison=report(
             "results/evaluation/comparison.csv",
             caption="../report/evaluation_tables.rst",

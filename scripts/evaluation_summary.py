@@ -1,5 +1,6 @@
 """Rule evaluation_summary: every task's tables in one, DeLong p-values adjusted together, and the
-comparison of slide representations (metrics, DeLong vs eagle, compute per slide)."""
+comparison of slide representations: pivoted (embeddings x magnifications), long (metrics, DeLong
+vs eagle at the same magnification, compute per slide) and the AUROC-against-compute figure."""
 
 from eagleflow.logutil import run_rule
 from eagleflow.summary import summarize_run
@@ -17,5 +18,7 @@ run_rule(
     html_path=snakemake.output.html,
     compute_csv=snakemake.input.compute,
     comparison_csv=snakemake.output.comparison,
+    grid_csv=snakemake.output.grid,
+    efficiency_png=snakemake.output.efficiency,
     note=snakemake.params.note,
 )

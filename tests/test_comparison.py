@@ -1,19 +1,29 @@
-"""The comparison of slide representations: every embedding x task x set, DeLong vs eagle, cost."""
+"""The comparison of slide representations: every embedding x task x set, DeLong vs eagle, cost;
+and its pivot, embeddings x magnifications, with DeLong against eagle at the same magnification."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from eagleflow.evaluation import DELONG_COLUMNS, METRIC_COLUMNS, delong_rows, set_metric_rows
+from eagleflow.evaluation import (
+    DELONG_COLUMNS,
+    FEWSHOT_COLUMNS,
+    METRIC_COLUMNS,
+    delong_rows,
+    set_metric_rows,
+)
 from eagleflow.h5io import COMPUTE_COLUMNS, write_h5
 from eagleflow.stats import METRICS, benjamini_hochberg
 from eagleflow.summary import (
     comparison_columns,
+    comparison_grid,
     comparison_table,
+    read_compute,
     summarize_run,
 )
 from eagleflow.tasks import TaskSpec
@@ -74,8 +84,11 @@ def compute_fixture(
         [
             {
                 "embedding": e,
+                "base": e,
                 "kind": rows[e][0],
                 "description": rows[e][1],
+                "tile_px": 224,
+                "tile_mpp": 2.0,
                 "tile_forwards_per_slide": rows[e][2],
                 "slide_forwards_per_slide": rows[e][3],
                 "seconds_per_slide": rows[e][4],
@@ -292,3 +305,232 @@ def test_summary_without_compute_and_demo_from_patients(tmp_path: Path, run_tabl
     assert "Comparison of slide representations" in page
     banner = page[page.index("DEMO WEIGHTS") :].split("</p>")[0]
     assert "chief" in banner  # the patients file's demo weights still raise the banner
+
+
+# --- the paper's grid: embeddings x magnifications, with hand-computed inputs ---------------------
+
+# compute.csv of a run with the configured grid (224 px at 2 µm/px, names without '@'), the same
+# embeddings at 0.5 µm/px, and titan at its native 512 px at 0.5 µm/px; in report order
+GRID_COMPUTE = [
+    # embedding, base, kind, tile_px, tile_mpp, tile forwards, seconds, demo weights
+    ("eagle", "eagle", "eagle", 224, 2.0, 525.0, 5.0, "none"),
+    ("chief", "chief", "chief", 224, 2.0, 500.0, 4.0, "none"),
+    ("meanpool_ctranspath", "meanpool_ctranspath", "meanpool", 224, 2.0, 500.0, 2.0, "none"),
+    ("eagle@0.5mpp", "eagle", "eagle", 224, 0.5, 8025.0, 60.0, "none"),
+    ("chief@0.5mpp", "chief", "chief", 224, 0.5, 8000.0, 50.0, "none"),
+    ("meanpool_ctranspath@0.5mpp", "meanpool_ctranspath", "meanpool", 224, 0.5, 8000, 0.0, "none"),
+    ("titan", "titan", "slide_encoder", 512, 0.5, 2000.0, 30.0, "titan"),
+]
+# AUROC [low, high] per set; the external cohort ran four of the embeddings
+GRID_AUROC = {
+    "crossval": {
+        "eagle": (0.90, 0.85, 0.95),
+        "chief": (0.80, 0.74, 0.86),
+        "meanpool_ctranspath": (0.70, 0.62, 0.78),
+        "eagle@0.5mpp": (0.88, 0.82, 0.94),
+        "chief@0.5mpp": (0.84, 0.78, 0.90),
+        "meanpool_ctranspath@0.5mpp": (0.75, 0.68, 0.82),
+        "titan": (0.86, 0.80, 0.92),
+    },
+    "external:EXT": {
+        "eagle": (0.85, 0.78, 0.92),
+        "chief": (0.79, 0.70, 0.88),
+        "eagle@0.5mpp": (0.83, 0.75, 0.91),
+        "chief@0.5mpp": (0.81, 0.72, 0.90),
+    },
+}
+# DeLong p of the pairs each embedding is tested in: against eagle at its magnification ...
+GRID_TESTED = {
+    ("crossval", "eagle", "chief"): 0.001,
+    ("crossval", "chief@0.5mpp", "eagle@0.5mpp"): 0.004,  # either order in delong.csv
+    ("crossval", "eagle", "meanpool_ctranspath"): 0.006,
+    ("crossval", "eagle@0.5mpp", "meanpool_ctranspath@0.5mpp"): 0.04,
+    ("crossval", "eagle@0.5mpp", "titan"): 0.5,  # titan's 0.5 µm/px: eagle@0.5mpp (other px)
+    ("external:EXT", "eagle", "chief"): 0.03,
+    ("external:EXT", "eagle@0.5mpp", "chief@0.5mpp"): 0.9,
+}
+# ... and pairs across magnifications, which the comparison must not read
+GRID_UNTESTED = {
+    ("crossval", "eagle", "chief@0.5mpp"): 0.0001,
+    ("crossval", "eagle", "eagle@0.5mpp"): 0.0002,
+    ("crossval", "eagle", "titan"): 0.0003,
+    ("crossval", "chief", "eagle@0.5mpp"): 0.0004,
+    ("crossval", "chief", "meanpool_ctranspath"): 0.0005,
+    ("external:EXT", "eagle", "chief@0.5mpp"): 0.0006,
+}
+# raw p of the table (its order) and Benjamini-Hochberg over these 7 tests, by hand:
+# sorted .001 .004 .006 .03 .04 .5 .9 -> x 7/rank: .007 .014 .014 .0525 .056 .5833 .9, monotone
+GRID_P = {
+    ("crossval", "chief"): (0.001, 0.007, "eagle"),
+    ("crossval", "meanpool_ctranspath"): (0.006, 0.014, "eagle"),
+    ("crossval", "chief@0.5mpp"): (0.004, 0.014, "eagle@0.5mpp"),
+    ("crossval", "meanpool_ctranspath@0.5mpp"): (0.04, 0.056, "eagle@0.5mpp"),
+    ("crossval", "titan"): (0.5, 0.5 * 7 / 6, "eagle@0.5mpp"),
+    ("external:EXT", "chief"): (0.03, 0.0525, "eagle"),
+    ("external:EXT", "chief@0.5mpp"): (0.9, 0.9, "eagle@0.5mpp"),
+}
+
+
+def grid_inputs(demo: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """metrics.csv, delong.csv and compute.csv of one binary task BIN at two magnifications."""
+    metrics = pd.DataFrame(
+        [
+            {
+                "task": "BIN",
+                "embedding": embedding,
+                "head": "mlp",
+                "set": set_name,
+                "metric": "auroc",
+                "value": value,
+                "ci_low": low,
+                "ci_high": high,
+            }
+            for set_name, values in GRID_AUROC.items()
+            for embedding, (value, low, high) in values.items()
+        ],
+        columns=METRIC_COLUMNS,
+    )
+    delong = pd.DataFrame(
+        [
+            {"task": "BIN", "set": s, "embedding_a": a, "embedding_b": b, "p": p}
+            for (s, a, b), p in {**GRID_UNTESTED, **GRID_TESTED}.items()
+        ],
+        columns=DELONG_COLUMNS,
+    )
+    compute = pd.DataFrame(
+        [
+            {
+                "embedding": e,
+                "base": base,
+                "kind": kind,
+                "description": f"{e} described",
+                "tile_px": px,
+                "tile_mpp": mpp,
+                "tile_forwards_per_slide": forwards,
+                "slide_forwards_per_slide": 1.0,
+                "seconds_per_slide": seconds,
+                "demo_weights": weights if demo else "none",
+            }
+            for e, base, kind, px, mpp, forwards, seconds, weights in GRID_COMPUTE
+        ],
+        columns=COMPUTE_COLUMNS,
+    )
+    return metrics, delong, compute
+
+
+def test_delong_against_eagle_at_the_same_magnification_bh_over_the_table():
+    table = comparison_table(*grid_inputs())
+    assert len(table) == 7 + 4
+    tested = table[table["delong_p_vs_eagle"].notna()]
+    got = {
+        (r.set, r.embedding): (r.delong_p_vs_eagle, r.delong_p_bh, r.delong_reference)
+        for r in tested.itertuples(index=False)
+    }
+    assert got.keys() == GRID_P.keys()
+    for key, (p, p_bh, reference) in GRID_P.items():
+        assert got[key][0] == p and got[key][2] == reference, key
+        assert got[key][1] == pytest.approx(p_bh, abs=1e-12), key
+    # the references themselves are not tested (nor listed as their own reference)
+    references = table[table["base"] == "eagle"]
+    assert references["delong_p_vs_eagle"].isna().all()
+    assert references["delong_reference"].isna().all()
+    # the grid comes from compute.csv, one column each
+    titan = table[table["embedding"] == "titan"].iloc[0]
+    assert (titan["base"], titan["tile_px"], titan["tile_mpp"]) == ("titan", 512, 0.5)
+
+
+def test_without_eagle_at_a_magnification_nothing_is_tested_there():
+    metrics, delong, compute = grid_inputs()
+    metrics = metrics[metrics["embedding"] != "eagle@0.5mpp"]
+    table = comparison_table(metrics, delong, compute)
+    at_half = table[table["tile_mpp"] == 0.5]
+    assert at_half["delong_p_vs_eagle"].isna().all()
+    # the configured grid is still tested, against plain eagle: 3 tests, BH over those only
+    tested = table.dropna(subset=["delong_p_vs_eagle"])
+    assert sorted(tested["delong_p_vs_eagle"]) == [0.001, 0.006, 0.03]
+    np.testing.assert_allclose(
+        sorted(tested["delong_p_bh"]), [0.003, 0.009, 0.03], rtol=0, atol=1e-12
+    )
+
+
+def test_grid_pivots_embeddings_by_magnification():
+    comparison = comparison_table(*grid_inputs())
+    grid = comparison_grid(comparison)
+    fields = ["embedding", "auroc", "auroc_low", "auroc_high", "delong_p", "delong_p_bh"]
+    assert list(grid.columns) == [
+        "task",
+        "set",
+        "embedding",
+        "tile_px",
+        *(f"{f}_0.5mpp" for f in fields),
+        *(f"{f}_2mpp" for f in fields),
+    ]
+    rows = list(grid[["set", "embedding", "tile_px"]].itertuples(index=False, name=None))
+    assert rows == [
+        ("crossval", "eagle", 224),
+        ("crossval", "chief", 224),
+        ("crossval", "meanpool_ctranspath", 224),
+        ("crossval", "titan", 512),
+        ("external:EXT", "eagle", 224),
+        ("external:EXT", "chief", 224),
+    ]
+    cell = grid.set_index(["set", "embedding"])
+    for set_name, values in GRID_AUROC.items():
+        for embedding, (value, low, high) in values.items():
+            base, _, mpp = embedding.partition("@")
+            label = "0.5mpp" if mpp or embedding == "titan" else "2mpp"
+            row = cell.loc[(set_name, base)]
+            assert row[f"embedding_{label}"] == embedding
+            assert (row[f"auroc_{label}"], row[f"auroc_low_{label}"]) == (value, low)
+            assert row[f"auroc_high_{label}"] == high
+            p, p_bh, _ = GRID_P.get((set_name, embedding), (math.nan, math.nan, ""))
+            np.testing.assert_equal(row[f"delong_p_{label}"], p)
+            np.testing.assert_allclose(row[f"delong_p_bh_{label}"], p_bh, atol=1e-12)
+    # titan ran at 0.5 µm/px only; meanpool_ctranspath's external cell is empty
+    assert pd.isna(cell.loc[("crossval", "titan"), "embedding_2mpp"])
+    assert ("external:EXT", "meanpool_ctranspath") not in cell.index
+
+
+def test_old_compute_table_is_refused_clearly(tmp_path: Path):
+    _, _, compute = grid_inputs()
+    compute.drop(columns=["tile_px", "tile_mpp"]).to_csv(tmp_path / "compute.csv", index=False)
+    with pytest.raises(ValueError, match=r"tile_px.*rerun.*embeddings_collect"):
+        read_compute(str(tmp_path / "compute.csv"))
+
+
+def test_summary_writes_the_grid_and_the_figure_first(tmp_path: Path):
+    metrics, delong, compute = grid_inputs(demo=True)
+    files = {}
+    for name, table in (("metrics", metrics), ("delong", delong), ("compute", compute)):
+        table.to_csv(tmp_path / f"{name}.csv", index=False)
+        files[name] = str(tmp_path / f"{name}.csv")
+    pd.DataFrame(columns=FEWSHOT_COLUMNS).to_csv(tmp_path / "fewshot.csv", index=False)
+    write_h5(tmp_path / "p.h5", {"x": np.zeros(1)}, {"weights_demo": "false"})
+    out = tmp_path / "out"
+    summarize_run(
+        [files["metrics"]],
+        [str(tmp_path / "fewshot.csv")],
+        [files["delong"]],
+        str(tmp_path / "p.h5"),
+        metrics_csv=str(out / "metrics.csv"),
+        fewshot_csv=str(out / "fewshot.csv"),
+        delong_csv=str(out / "delong.csv"),
+        html_path=str(out / "metrics.html"),
+        compute_csv=files["compute"],
+        comparison_csv=str(out / "comparison.csv"),
+        grid_csv=str(out / "comparison_grid.csv"),
+        efficiency_png=str(out / "efficiency.png"),
+    )
+    written = pd.read_csv(out / "comparison_grid.csv", keep_default_na=False, na_values=[""])
+    expected = comparison_grid(comparison_table(metrics, delong, compute))
+    pd.testing.assert_frame_equal(written, expected, check_dtype=False)
+    long = pd.read_csv(out / "comparison.csv")
+    assert {"base", "tile_px", "tile_mpp", "delong_reference"} <= set(long.columns)
+    assert (out / "efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "metrics.html").read_text()
+    grid_at = page.index("embeddings x magnifications")
+    figure_at = page.index("data:image/png;base64,")
+    assert page.index("DEMO WEIGHTS") < grid_at < figure_at < page.index("<h2>MLP heads")
+    assert "0.5 µm/px" in page[grid_at:figure_at] and "2 µm/px" in page[grid_at:figure_at]
+    # a cell: AUROC [CI], then DeLong p and BH against eagle at its magnification
+    assert "0.840 [0.780, 0.900]<br><small>p 0.004, BH 0.014</small>" in page

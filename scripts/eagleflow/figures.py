@@ -307,3 +307,155 @@ def umap_figure(
         "evaluation_umap",
         {"umap": dict(params), "labels": dict(labels)},
     )
+
+
+# the efficiency plot's x axes: compute.csv's measures per slide
+COMPUTE_MEASURES = {
+    "tile_forwards_per_slide": "tile-encoder forwards per slide",
+    "seconds_per_slide": "measured model seconds per slide",
+}
+GRID_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+EFFICIENCY_COLUMNS = [
+    "task",
+    "set",
+    "measure",
+    "embedding",
+    "base",
+    "tile_px",
+    "tile_mpp",
+    "compute",
+    "auroc",
+    "auroc_low",
+    "auroc_high",
+    "label",
+]
+
+
+def _grid_text(tile_px: Any, tile_mpp: Any) -> str:
+    if pd.isna(tile_mpp):
+        return "grid unknown"
+    return f"{int(tile_px)} px at {float(tile_mpp):g} µm/px" if pd.notna(tile_px) else "?"
+
+
+def efficiency_points(comparison: pd.DataFrame) -> pd.DataFrame:
+    """What the efficiency figure plots: one row per task, set, compute measure and embedding
+    (an embedding is one base at one grid) with an AUROC and a positive compute (log axis)."""
+    rows = []
+    for row in comparison.to_dict("records"):
+        for measure in COMPUTE_MEASURES:
+            compute, auroc = row[measure], row["auroc"]
+            if pd.isna(auroc) or pd.isna(compute) or float(compute) <= 0:
+                continue
+            mpp = row["tile_mpp"]
+            rows.append(
+                {
+                    **{k: row[k] for k in ("task", "set", "embedding", "base", "tile_px")},
+                    "tile_mpp": mpp,
+                    "measure": measure,
+                    "compute": float(compute),
+                    **{k: row[k] for k in ("auroc", "auroc_low", "auroc_high")},
+                    # the grid is in the label: names at their configured grid carry no '@'
+                    "label": row["embedding"] if pd.isna(mpp) else f"{row['base']} {mpp:g} µm/px",
+                }
+            )
+    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+
+
+def _efficiency_panel(ax: Any, points: pd.DataFrame, colours: Mapping[str, str], markers) -> None:
+    """One task, set and measure: a labelled point per embedding, a base's grids joined."""
+    for base, part in points.groupby("base", sort=False):
+        part = part.sort_values("compute")
+        if len(part) > 1:
+            ax.plot(part["compute"], part["auroc"], color=colours[base], lw=0.8, alpha=0.5)
+    for point in points.to_dict("records"):
+        colour = colours[point["base"]]
+        x, y = point["compute"], point["auroc"]
+        if pd.notna(point["auroc_low"]) and pd.notna(point["auroc_high"]):
+            ax.errorbar(
+                [x],
+                [y],
+                yerr=[[y - point["auroc_low"]], [point["auroc_high"] - y]],
+                fmt="none",
+                ecolor=colour,
+                alpha=0.4,
+                lw=0.8,
+            )
+        dots = ax.scatter(
+            [x],
+            [y],
+            s=40,
+            color=colour,
+            marker=markers[_grid_text(point["tile_px"], point["tile_mpp"])],
+            edgecolors="black",
+            linewidths=0.5,
+            zorder=3,
+        )
+        dots.set_gid(point["embedding"])  # the figure's data, checked by the tests
+        ax.annotate(
+            point["label"],
+            (x, y),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=7,
+            color=colour,
+        )
+
+
+def efficiency_figure(
+    comparison: pd.DataFrame,
+    attrs: Mapping[str, Any],
+    path: str,
+    params: Mapping[str, Any] | None = None,
+) -> tuple[pd.DataFrame, Any]:
+    """AUROC of the MLP head against compute per slide (log x), as the paper's efficiency plot.
+
+    Rows: each task's cross-validation, then its external sets; columns: tile forwards and
+    measured seconds per slide. Colour: the embedding's base name; marker: its grid. Returns the
+    points plotted and the (closed) figure; writes a PNG with the demo banner when `attrs` say so.
+    """
+    points = efficiency_points(comparison)
+    panels = list(dict.fromkeys(zip(comparison["task"], comparison["set"], strict=True)))
+    bases = list(dict.fromkeys(comparison["base"]))
+    colours = {base: _color(base, i) for i, base in enumerate(bases)}
+    grids = list(
+        dict.fromkeys(
+            _grid_text(px, mpp)
+            for px, mpp in zip(comparison["tile_px"], comparison["tile_mpp"], strict=True)
+        )
+    )
+    markers = {g: GRID_MARKERS[i % len(GRID_MARKERS)] for i, g in enumerate(grids)}
+    fig, axes = figure_grid(max(1, len(panels)), len(COMPUTE_MEASURES), width=5.5, height=4.2)
+    for row, (task, set_name) in enumerate(panels):
+        for col, (measure, title) in enumerate(COMPUTE_MEASURES.items()):
+            ax = axes[row, col]
+            shown = points[
+                (points["task"] == task)
+                & (points["set"] == set_name)
+                & (points["measure"] == measure)
+            ]
+            ax.set_title(f"{task}, {set_name}", fontsize=9)
+            ax.set_xlabel(f"{title} (log scale)")
+            ax.set_ylabel("AUROC (95% CI)")
+            if shown.empty:
+                ax.text(0.5, 0.5, "no AUROC with a positive\ncompute to plot", ha="center")
+                continue
+            ax.set_xscale("log")
+            _efficiency_panel(ax, shown, colours, markers)
+            ax.margins(x=0.25, y=0.15)
+    if len(grids) > 1:
+        handles = [
+            plt.Line2D([], [], ls="", marker=markers[g], color="grey", label=g) for g in grids
+        ]
+        axes[0, -1].legend(handles=handles, title="tile grid", fontsize=7, title_fontsize=7)
+    skipped = len(comparison) * len(COMPUTE_MEASURES) - len(points)
+    if skipped:
+        log.info("efficiency figure: %d points without AUROC or positive compute left out", skipped)
+    finish_figure(
+        fig,
+        "AUROC against compute per slide (MLP head)",
+        attrs,
+        path,
+        "evaluation_summary",
+        {"figure": "efficiency", **dict(params or {})},
+    )
+    return points, fig

@@ -1,22 +1,27 @@
 """The run's summary: every task's tables in one, DeLong p-values adjusted together, and an HTML page.
 
-The page opens with the comparison of slide representations: one row per task, set and embedding with
-the MLP head's metrics, DeLong's p against the reference embedding (`eagle`) and what the embedding
-costs per slide (from the embeddings stage's compute.csv).
+The page opens with the comparison of slide representations as the paper shows it: per task and
+set, embeddings (rows, by base name) x magnifications (columns, the tile µm/px of compute.csv) with
+AUROC, its CI and DeLong's p against EAGLE at the same magnification (`comparison_grid.csv`); then
+the figure of AUROC against compute per slide, and the long table (`comparison.csv`): one row per
+task, set and embedding with every metric and what the embedding costs per slide.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from eagleflow.evaluation import DELONG_COLUMNS, FEWSHOT_COLUMNS, METRIC_COLUMNS
-from eagleflow.h5io import COMPUTE_COLUMNS, read_attrs, write_csv
+from eagleflow.figures import efficiency_figure
+from eagleflow.h5io import COMPUTE_COLUMNS, atomic_write_bytes, read_attrs, write_csv
 from eagleflow.provenance import code_version
 from eagleflow.stats import (
     METRIC_TITLES,
@@ -33,6 +38,10 @@ COMPARISON_COMPUTE = [
     "seconds_per_slide",
     "demo_weights",
 ]
+# the grid of an embedding, from compute.csv (never parsed from its name)
+COMPARISON_GRID = ["base", "tile_px", "tile_mpp"]
+# per magnification in comparison_grid.csv: `<field>_<mpp>mpp`
+GRID_FIELDS = ("embedding", "auroc", "auroc_low", "auroc_high", "delong_p", "delong_p_bh")
 
 
 def comparison_columns(reference: str = "eagle") -> list[str]:
@@ -42,8 +51,10 @@ def comparison_columns(reference: str = "eagle") -> list[str]:
         "task",
         "set",
         "embedding",
+        *COMPARISON_GRID,
         "description",
         *metric_columns,
+        "delong_reference",
         f"delong_p_vs_{reference}",
         "delong_p_bh",
         *COMPARISON_COMPUTE,
@@ -75,11 +86,20 @@ def read_compute(path: str) -> pd.DataFrame:
         path,
         keep_default_na=False,
         na_values=[""],
-        dtype={"embedding": str, "kind": str, "description": str, "demo_weights": str},
+        dtype={
+            "embedding": str,
+            "base": str,
+            "kind": str,
+            "description": str,
+            "demo_weights": str,
+        },
     )
     missing = [c for c in COMPUTE_COLUMNS if c not in compute.columns]
     if missing:
-        raise ValueError(f"{path}: compute table lacks column(s) {missing}")
+        raise ValueError(
+            f"{path}: compute table lacks column(s) {missing}: it was written by an older "
+            "embeddings stage; rerun it (snakemake --forcerun embeddings_collect)"
+        )
     return compute
 
 
@@ -89,24 +109,69 @@ def _set_order(sets: Sequence[str]) -> list[str]:
     return sorted(unique, key=lambda s: s != "crossval")
 
 
-def _delong_vs_reference(delong: pd.DataFrame, reference: str) -> dict[tuple[str, str, str], float]:
-    """DeLong's p between `reference` and each other embedding, by (task, set, other embedding).
-
-    delong.csv holds every pair once, in either order; pairs without the reference are not read.
-    """
-    p: dict[tuple[str, str, str], float] = {}
+def _delong_pairs(delong: pd.DataFrame) -> dict[tuple[str, str, frozenset[str]], float]:
+    """DeLong's p by (task, set, {embedding a, embedding b}); delong.csv holds a pair once."""
+    p: dict[tuple[str, str, frozenset[str]], float] = {}
     for row in delong.itertuples(index=False):
-        if row.embedding_a == reference:
-            other = row.embedding_b
-        elif row.embedding_b == reference:
-            other = row.embedding_a
-        else:
-            continue
-        key = (str(row.task), str(row.set), str(other))
+        if pd.isna(row.embedding_a) or pd.isna(row.embedding_b) or not row.embedding_a:
+            continue  # a note row (multiclass task): nothing tested
+        key = (str(row.task), str(row.set), frozenset((str(row.embedding_a), str(row.embedding_b))))
         if key in p:
-            raise ValueError(f"DeLong table holds {reference} vs {other} twice for {key[:2]}")
+            raise ValueError(
+                f"DeLong table holds {row.embedding_a} vs {row.embedding_b} twice for {key[:2]}"
+            )
         p[key] = float(row.p)
     return p
+
+
+def _finite(value: Any) -> float | None:
+    """A grid value as a hashable key: None when unknown, µm/px rounded past float noise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(number, 6) if math.isfinite(number) else None
+
+
+def embedding_grids(
+    embeddings: Sequence[str], cost: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Embedding -> {base, tile_px, tile_mpp}: from compute.csv; the grid unknown without a row."""
+    grids = {}
+    for embedding in embeddings:
+        row = cost.get(embedding, {})
+        base = row.get("base")
+        grids[embedding] = {
+            "base": embedding.split("@", 1)[0] if pd.isna(base) or base == "" else str(base),
+            "tile_px": math.nan if _finite(row.get("tile_px")) is None else int(row["tile_px"]),
+            "tile_mpp": math.nan
+            if _finite(row.get("tile_mpp")) is None
+            else float(row["tile_mpp"]),
+        }
+    return grids
+
+
+def same_magnification_reference(
+    embedding: str,
+    candidates: Sequence[str],
+    grids: Mapping[str, Mapping[str, Any]],
+    reference: str = "eagle",
+) -> str | None:
+    """The `reference` embedding (base name) an embedding is tested against: the one at its
+    magnification (tile µm/px), at its tile px if there are several; None if there is none.
+
+    An embedding whose grid is unknown (not in compute.csv) is tested against `reference` itself.
+    """
+    mpp = _finite(grids[embedding]["tile_mpp"])
+    if mpp is None:
+        return reference if reference in candidates else None
+    at_mpp = [
+        c
+        for c in candidates
+        if grids[c]["base"] == reference and _finite(grids[c]["tile_mpp"]) == mpp
+    ]
+    same_px = [c for c in at_mpp if grids[c]["tile_px"] == grids[embedding]["tile_px"]]
+    return (same_px or at_mpp or [None])[0]
 
 
 def comparison_table(
@@ -117,11 +182,14 @@ def comparison_table(
 ) -> pd.DataFrame:
     """Every task x set x embedding of the MLP head: metrics with CIs, DeLong p vs `reference`, cost.
 
-    `delong_p_bh` adjusts (Benjamini-Hochberg) the family of every DeLong test against the reference
-    in this table, over all tasks and sets. Embeddings follow compute.csv (report order), any others
-    their order in the metrics; without compute.csv (None) the compute columns stay empty.
+    The DeLong test of an embedding is against `reference` at the same magnification (the
+    embedding named in `delong_reference`, e.g. `eagle@0.5mpp` for `chief@0.5mpp`). `delong_p_bh`
+    adjusts (Benjamini-Hochberg) the family of every such test in this table, over all tasks and
+    sets. Embeddings follow compute.csv (report order), any others their order in the metrics;
+    without compute.csv (None) the grid and compute columns stay empty.
     """
     columns = comparison_columns(reference)
+    p_column = f"delong_p_vs_{reference}"
     mlp = metrics[metrics["head"] == "mlp"]
     if mlp.empty:
         return pd.DataFrame(columns=columns)
@@ -140,35 +208,95 @@ def comparison_table(
     embedding_order = list(dict.fromkeys([*cost, *(str(e) for e in mlp["embedding"])]))
     uncosted = [e for e in embedding_order if e not in cost]
     if compute is not None and uncosted:
-        log.warning("compute table lacks embedding(s) %s: their cost stays empty", uncosted)
-    p_vs_reference = _delong_vs_reference(delong, reference)
+        log.warning("compute table lacks embedding(s) %s: their grid and cost stay empty", uncosted)
+    grids = embedding_grids(embedding_order, cost)
+    pairs = _delong_pairs(delong)
     rows = []
     for task in dict.fromkeys(str(t) for t in mlp["task"]):
         in_task = mlp[mlp["task"].astype(str) == task]
         for set_name in _set_order([str(s) for s in in_task["set"]]):
-            for embedding in embedding_order:
-                entry = values.get((task, set_name, embedding))
-                if entry is None:
-                    continue
+            present = [e for e in embedding_order if (task, set_name, e) in values]
+            for embedding in present:
                 compute_row = cost.get(embedding, {})
+                against = same_magnification_reference(embedding, present, grids, reference)
+                tested = against is not None and against != embedding
+                if against is None:
+                    log.warning(
+                        "%s, %s: no %s at the magnification of %s: not tested",
+                        task,
+                        set_name,
+                        reference,
+                        embedding,
+                    )
                 rows.append(
                     {
                         "task": task,
                         "set": set_name,
                         "embedding": embedding,
+                        **grids[embedding],
                         "description": compute_row.get("description", math.nan),
-                        **entry,
-                        f"delong_p_vs_{reference}": (
-                            math.nan
-                            if embedding == reference
-                            else p_vs_reference.get((task, set_name, embedding), math.nan)
+                        **values[(task, set_name, embedding)],
+                        "delong_reference": against if tested else math.nan,
+                        p_column: (
+                            pairs.get((task, set_name, frozenset((embedding, against))), math.nan)
+                            if tested
+                            else math.nan
                         ),
                         **{c: compute_row.get(c, math.nan) for c in COMPARISON_COMPUTE},
                     }
                 )
     table = pd.DataFrame(rows).reindex(columns=columns)
-    table["delong_p_bh"] = benjamini_hochberg(table[f"delong_p_vs_{reference}"].to_numpy(float))
+    table["delong_p_bh"] = benjamini_hochberg(table[p_column].to_numpy(float))
     return table
+
+
+def grid_label(mpp: float) -> str:
+    """A magnification's column suffix: `0.5mpp`, `1.14mpp`; `unknown_mpp` without a grid."""
+    return "unknown_mpp" if _finite(mpp) is None else f"{float(mpp):g}mpp"
+
+
+def comparison_grid(comparison: pd.DataFrame, reference: str = "eagle") -> pd.DataFrame:
+    """The comparison pivoted as the paper shows it: per task and set, one row per embedding (its
+    base name, and tile px) and per magnification (tile µm/px, ascending) the embedding there, its
+    AUROC with 95% CI and DeLong's p (raw and BH, the comparison table's family) against
+    `reference` at that magnification.
+
+    Columns: task, set, embedding (base), tile_px, then `<field>_<mpp>mpp` for each field of
+    GRID_FIELDS. Rows keep report order; an embedding whose cell is taken by another of the same
+    base and grid keeps its own row, under its full name.
+    """
+    p_column = f"delong_p_vs_{reference}"
+    mpps = sorted({_finite(m) for m in comparison["tile_mpp"]}, key=lambda m: (m is None, m or 0.0))
+    labels = [grid_label(math.nan if m is None else m) for m in mpps]
+    value_columns = [f"{f}_{label}" for label in labels for f in GRID_FIELDS]
+    columns = ["task", "set", "embedding", "tile_px", *value_columns]
+    cells: dict[tuple[str, str, str, int | None], dict[str, Any]] = {}
+    for row in comparison.to_dict("records"):
+        mpp = _finite(row["tile_mpp"])
+        label = grid_label(math.nan if mpp is None else mpp)
+        px = None if _finite(row["tile_px"]) is None else int(row["tile_px"])
+        name = row["base"] if mpp is not None else row["embedding"]
+        key = (row["task"], row["set"], name, px)
+        if f"embedding_{label}" in cells.get(key, {}):
+            log.warning(
+                "%s and %s share a base name and grid: %s keeps its own row",
+                cells[key][f"embedding_{label}"],
+                row["embedding"],
+                row["embedding"],
+            )
+            key = (row["task"], row["set"], row["embedding"], px)
+        cell = cells.setdefault(key, {})
+        cell[f"embedding_{label}"] = row["embedding"]
+        for field in ("auroc", "auroc_low", "auroc_high", "delong_p_bh"):
+            cell[f"{field}_{label}"] = row[field]
+        cell[f"delong_p_{label}"] = row[p_column]
+    rows = [
+        {"task": task, "set": set_name, "embedding": name, "tile_px": px, **values}
+        for (task, set_name, name, px), values in cells.items()
+    ]
+    grid = pd.DataFrame(rows).reindex(columns=columns)
+    grid["tile_px"] = grid["tile_px"].astype("Int64")
+    return grid
 
 
 def comparison_demo_models(comparison: pd.DataFrame) -> list[str]:
@@ -177,6 +305,16 @@ def comparison_demo_models(comparison: pd.DataFrame) -> list[str]:
     for text in comparison.get("demo_weights", pd.Series(dtype=object)).dropna():
         if str(text).strip() not in ("", "none"):
             models += [m.strip() for m in str(text).split(",") if m.strip()]
+    return list(dict.fromkeys(models))
+
+
+def run_demo_models(attrs: Mapping[str, Any], comparison: pd.DataFrame | None) -> list[str]:
+    """Models with demo weights, whether the patients file (attrs) or compute.csv says so."""
+    models: list[str] = []
+    if attrs.get("weights_demo") == "true":
+        models += [m.strip() for m in str(attrs.get("demo_weights", "?")).split(",")]
+    if comparison is not None:
+        models += comparison_demo_models(comparison)
     return list(dict.fromkeys(models))
 
 
@@ -198,6 +336,47 @@ def _format_count(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def _format_px(value: Any) -> str:
+    return "" if _finite(value) is None else f"{int(value)}"
+
+
+def _format_mpp(value: Any) -> str:
+    return "" if _finite(value) is None else f"{float(value):g}"
+
+
+def _grid_cell(row: Mapping[str, Any], label: str) -> str:
+    """AUROC [95% CI], and under it DeLong's p (raw, BH) against the reference at this grid."""
+    if pd.isna(row.get(f"embedding_{label}")):
+        return ""
+    text = _format_estimate(
+        row[f"auroc_{label}"], row[f"auroc_low_{label}"], row[f"auroc_high_{label}"]
+    )
+    p, p_bh = row[f"delong_p_{label}"], row[f"delong_p_bh_{label}"]
+    if not pd.isna(p):
+        text += f"<br><small>p {p:.3g}, BH {p_bh:.3g}</small>"
+    return text
+
+
+def grid_html(grid: pd.DataFrame) -> str:
+    """The pivoted comparison as HTML: per task and set, embeddings x magnifications (AUROC)."""
+    labels = [c.removeprefix("embedding_") for c in grid.columns if c.startswith("embedding_")]
+    titles = {
+        label: "grid unknown" if label == "unknown_mpp" else f"{label.removesuffix('mpp')} µm/px"
+        for label in labels
+    }
+    records = grid.to_dict("records")
+    shown = pd.DataFrame(
+        {
+            "task": [html.escape(str(r["task"])) for r in records],
+            "set": [html.escape(str(r["set"])) for r in records],
+            "embedding": [html.escape(str(r["embedding"])) for r in records],
+            "tile px": [_format_px(r["tile_px"]) for r in records],
+            **{titles[label]: [_grid_cell(r, label) for r in records] for label in labels},
+        }
+    )
+    return shown.set_index(["task", "set", "embedding", "tile px"]).to_html(escape=False)
+
+
 def comparison_html(comparison: pd.DataFrame, reference: str = "eagle") -> str:
     """The comparison as an HTML table: value [95% CI] per metric, p to 3 significant digits."""
     p_column = f"delong_p_vs_{reference}"
@@ -206,6 +385,8 @@ def comparison_html(comparison: pd.DataFrame, reference: str = "eagle") -> str:
             "task": comparison["task"],
             "set": comparison["set"],
             "embedding": comparison["embedding"],
+            "tile px": comparison["tile_px"].map(_format_px),
+            "µm/px": comparison["tile_mpp"].map(_format_mpp),
             "description": comparison["description"].map(_text),
         }
     )
@@ -219,7 +400,8 @@ def comparison_html(comparison: pd.DataFrame, reference: str = "eagle") -> str:
                 strict=True,
             )
         ]
-    for column, title in ((p_column, f"DeLong p vs {reference}"), ("delong_p_bh", "p (BH)")):
+    shown[f"DeLong vs {reference} at its µm/px"] = comparison["delong_reference"].map(_text)
+    for column, title in ((p_column, "DeLong p"), ("delong_p_bh", "p (BH)")):
         shown[title] = ["" if pd.isna(p) else f"{p:.3g}" for p in comparison[column]]
     shown["tile forwards / slide"] = comparison["tile_forwards_per_slide"].map(_format_count)
     shown["slide forwards / slide"] = comparison["slide_forwards_per_slide"].map(_format_count)
@@ -238,11 +420,15 @@ def summary_html(
     comparison: pd.DataFrame | None = None,
     reference: str = "eagle",
     note: str | None = None,
+    grid: pd.DataFrame | None = None,
+    efficiency_png: bytes | None = None,
 ) -> str:
     """One self-contained page with the run's tables (for the Snakemake report).
 
-    The comparison comes first; the demo banner names every model with demo weights, whether the
-    patients file (attrs) or the compute table (comparison) says so.
+    The comparison comes first: its grid (embeddings x magnifications), the efficiency figure
+    (inlined PNG, so the page stands alone in the report) and the long table. The demo banner
+    names every model with demo weights, whether the patients file (attrs) or the compute table
+    (comparison) says so.
     """
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>EAGLE heads: metrics</title>",
@@ -251,24 +437,39 @@ def summary_html(
         "th{background:#eee}.demo{color:#fff;background:#c00;padding:8px;font-weight:bold}"
         "</style></head><body>",
     ]
-    demo_models: list[str] = []
-    if attrs.get("weights_demo") == "true":
-        demo_models += [m.strip() for m in str(attrs.get("demo_weights", "?")).split(",")]
-    if comparison is not None:
-        demo_models += comparison_demo_models(comparison)
+    demo_models = run_demo_models(attrs, comparison)
     if demo_models:
         parts.append(
             "<p class='demo'>DEMO WEIGHTS: not a result (random weights for "
-            f"{html.escape(', '.join(dict.fromkeys(demo_models)))})</p>"
+            f"{html.escape(', '.join(demo_models))})</p>"
         )
     if note:
         parts.append(f"<p class='demo'>{html.escape(note)}</p>")
+    ref = html.escape(reference)
+    if grid is not None:
+        n_tests = int(grid.filter(like="delong_p_bh_").notna().to_numpy().sum())
+        parts.append(
+            "<h2>Comparison of slide representations: embeddings x magnifications</h2><p>MLP "
+            "head, AUROC with its bootstrap 95% CI per task, set, embedding (rows) and tile grid "
+            f"(columns: tile µm/px; tile px per row); below it DeLong's two-sided p against {ref} "
+            f"at the same magnification (binary tasks) and the p Benjamini-Hochberg-adjusted over "
+            f"the {n_tests} tests of this table.</p>"
+        )
+        parts.append(grid_html(grid))
+    if efficiency_png is not None:
+        parts.append(
+            "<h2>AUROC against compute per slide</h2><p>One point per embedding and grid "
+            "(cross-validation and each external set); x: tile-encoder forwards and measured "
+            "model seconds per slide, log scale.</p>"
+            f"<img alt='AUROC against compute per slide' style='max-width:100%' "
+            f"src='data:image/png;base64,{base64.b64encode(efficiency_png).decode()}'>"
+        )
     if comparison is not None:
         parts.append(
             "<h2>Comparison of slide representations</h2><p>MLP head, per task, set and "
             "embedding: value with its bootstrap 95% CI; DeLong's two-sided p against "
-            f"{html.escape(reference)} (binary tasks), Benjamini-Hochberg-adjusted over every test "
-            f"against {html.escape(reference)} in this table; compute per slide: mean tile-encoder "
+            f"{ref} at the embedding's magnification (binary tasks), Benjamini-Hochberg-adjusted "
+            f"over every test against {ref} in this table; compute per slide: mean tile-encoder "
             "and slide-encoder forwards, and measured model seconds.</p>"
         )
         parts.append(comparison_html(comparison, reference))
@@ -324,13 +525,15 @@ def summarize_run(
     comparison_csv: str | None = None,
     reference: str = "eagle",
     note: str | None = None,
+    grid_csv: str | None = None,
+    efficiency_png: str | None = None,
 ) -> None:
     """The `evaluation_summary` rule: concatenated tables; BH over all DeLong tests of the run.
 
-    Also the comparison of slide representations (comparison_csv, first on the page); without
-    compute_csv its compute columns stay empty.
+    Also the comparison of slide representations, first on the page: pivoted (grid_csv), as the
+    efficiency figure (efficiency_png) and long (comparison_csv); without compute_csv its grid and
+    compute columns stay empty.
     """
-    from eagleflow.h5io import atomic_write_bytes
 
     metric_table = _read_tables(metrics, METRIC_COLUMNS)
     fewshot_table = _read_tables(fewshot, FEWSHOT_COLUMNS)
@@ -347,8 +550,25 @@ def summarize_run(
     comparison = comparison_table(metric_table, delong_table, compute, reference)
     if comparison_csv is not None:
         write_csv(comparison, comparison_csv)
+    grid = comparison_grid(comparison, reference)
+    if grid_csv is not None:
+        write_csv(grid, grid_csv)
     attrs = read_attrs(patients_h5) | {"code_version": code_version()}
+    figure = None
+    if efficiency_png is not None:
+        demo = run_demo_models(attrs, comparison)
+        banner = {"weights_demo": "true" if demo else "false", "demo_weights": ", ".join(demo)}
+        efficiency_figure(comparison, banner, efficiency_png, {"reference": reference})
+        figure = Path(efficiency_png).read_bytes()
     page = summary_html(
-        metric_table, delong_table, fewshot_table, attrs, comparison, reference, note
+        metric_table,
+        delong_table,
+        fewshot_table,
+        attrs,
+        comparison,
+        reference,
+        note,
+        grid=grid,
+        efficiency_png=figure,
     )
     atomic_write_bytes(html_path, page.encode())
