@@ -145,7 +145,9 @@ class ABMILEmbedder(nn.Module):
         pooled, weights = [], []
         for i, scorer in enumerate(self.attn):
             h_i = h[..., i]  # [B, N, hidden]
-            a_i = torch.softmax(scorer(h_i).float(), dim=-1)  # over tiles, in fp32
+            logits = scorer(h_i)
+            # Over the tiles, never in half precision (fp64 stays fp64).
+            a_i = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
             # A weighted sum, not a matmul: under autocast it stays fp32 as in the original.
             pooled.append((a_i.unsqueeze(-1) * h_i).sum(dim=-2))
             weights.append(a_i)
