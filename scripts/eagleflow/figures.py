@@ -440,6 +440,8 @@ def efficiency_figure(
                 ax.text(0.5, 0.5, "no AUROC with a positive\ncompute to plot", ha="center")
                 continue
             ax.set_xscale("log")
+            # labelled minor ticks of short log ranges cost seconds in the layout, say little
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             _efficiency_panel(ax, shown, colours, markers)
             ax.margins(x=0.25, y=0.15)
     if len(grids) > 1:
