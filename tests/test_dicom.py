@@ -2,6 +2,7 @@
 
 The slide is an Aperio SVS converted by a real converter (wsidicomizer, which needs Debian's
 libturbojpeg0: installed with apt-get when missing, as the SLURM test installs its packages).
+Tiles are cut from the instances' JPEG frames, also on rounded levels (fractional downsamples).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import pytest
 from conftest import tissue_image
 from debian_packages import DebianPackagesUnavailableError, apt_install
 from hostile_helpers import make_tiling_workdir
+from test_read_geometry import assert_same, expected_tiles, grid, read_all
 from workflow_helpers import job_counts, run
 
 from eagleflow.demo import SlideSpec, write_pyramid_tiff
 from eagleflow.h5io import read_tiles
 from eagleflow.sheets import SheetError, read_slide_sheet
-from eagleflow.slides import SlideError
+from eagleflow.slides import SlideError, open_slide, read_tile
+from eagleflow.tilereader import SlideTileReader
 from eagleflow.tiling import TilingParams, run_tiling
 
 PARAMS = TilingParams().as_dict()
@@ -34,20 +37,54 @@ def ensure_turbojpeg() -> None:
         pytest.skip(str(reason))
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def convert(root: Path, width: int, height: int, rounding: str | None) -> tuple[Path, Path]:
     """(an Aperio SVS, the DICOM WSI folder wsidicomizer makes of it)."""
     ensure_turbojpeg()
     from wsidicomizer import WsiDicomizer
 
-    root = tmp_path_factory.mktemp("dicom")
-    spec = SlideSpec("DCM-1", "P1", "C", "A", 1, 0.5, 2048, 1536, "aperio")
+    spec = SlideSpec("DCM-1", "P1", "C", "A", 1, 0.5, width / 2, height / 2, "aperio")
     svs = root / "slide.svs"
-    write_pyramid_tiff(svs, tissue_image(4096, 3072), 0.5, "aperio", spec, [1, 4, 16])
+    image = tissue_image(width, height)
+    write_pyramid_tiff(svs, image, 0.5, "aperio", spec, [1, 4, 16], rounding=rounding)
     folder = root / "slide_dicom"
     WsiDicomizer.convert(svs, folder)
     assert len(list(folder.glob("*.dcm"))) >= 3  # one instance per level (and a thumbnail)
     return svs, folder
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return convert(tmp_path_factory.mktemp("dicom"), 4096, 3072, None)
+
+
+@pytest.fixture(scope="module")
+def converted_rounded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Level sizes rounded up as a scanner writes them: OpenSlide's downsample is 3.9979."""
+    return convert(tmp_path_factory.mktemp("dicom_rounded"), 4101, 3079, "ceil")
+
+
+def test_dicom_tiles_are_cut_from_its_frames_as_read_region_reads_them(converted):
+    _, folder = converted
+    coords, size, level, ds = grid(folder)
+    assert ds == 4.0
+    reader = SlideTileReader(str(folder), "s", coords, size, level, ds, 224)
+    assert reader.mode == "dicom"
+    slide = open_slide(folder)
+    assert_same(read_all(reader), [read_tile(slide, x, y, size, level, ds, 224) for x, y in coords])
+
+
+def test_rounded_dicom_levels_are_cut_from_their_frames(converted_rounded):
+    svs, folder = converted_rounded
+    coords, size, level, ds = grid(folder)
+    assert ds != round(ds)
+    tiles = {}
+    for name, path in (("svs", svs), ("dicom", folder)):
+        reader = SlideTileReader(str(path), "s", coords, size, level, ds, 224)
+        assert reader.mode == ("jpeg" if name == "svs" else "dicom")
+        tiles[name] = read_all(reader)
+    # the stored pixels (OpenSlide's whole level read at (0, 0)), and the same as the SVS's
+    assert_same(tiles["dicom"], expected_tiles(folder, coords, size, level))
+    assert_same(tiles["dicom"], tiles["svs"])
 
 
 def test_a_dicom_folder_tiles_exactly_like_the_svs_it_came_from(converted, tmp_path):

@@ -1,4 +1,5 @@
-"""The tile reader gives read_tile's bytes on every path (JPEG tiles, OpenSlide regions, per tile)."""
+"""The tile reader gives read_tile's bytes wherever OpenSlide reads whole pixels (JPEG tiles,
+OpenSlide regions), and the stored pixels themselves on rounded levels (tests/test_read_geometry.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from test_read_geometry import assert_same, read_all
 
 from eagleflow import tilereader
 from eagleflow.demo import write_pyramid_tiff
 from eagleflow.features import TileGeometry, iter_tile_batches
-from eagleflow.slides import best_level, level0_tile_size, open_slide, read_tile, slide_info
-from eagleflow.tilereader import SlideTileReader, iter_slide_tiles
+from eagleflow.slides import grid_tile_size, open_slide, read_tile, slide_info
+from eagleflow.tilereader import SlideTileReader
 
 
 def grid_coords(path: Path, tile_mpp: float, pad: int = 1) -> tuple[np.ndarray, int, int, float]:
     """Every grid tile of the slide, plus `pad` extra columns and rows beyond its edges."""
     slide = open_slide(path)
     info = slide_info(slide, path, "s")
-    size = level0_tile_size(info.mpp, 224, tile_mpp)
-    level = best_level(info, tile_mpp)
+    level, size = grid_tile_size(info, 224, tile_mpp)
     xs = np.arange(info.width // size + pad) * size
     ys = np.arange(info.height // size + pad) * size
     coords = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.int64)
@@ -33,17 +34,6 @@ def grid_coords(path: Path, tile_mpp: float, pad: int = 1) -> tuple[np.ndarray, 
 def expected_tiles(path: Path, coords: np.ndarray, size: int, level: int, ds: float) -> list:
     slide = open_slide(path)
     return [read_tile(slide, int(x), int(y), size, level, ds, 224) for x, y in coords]
-
-
-def read_all(reader: SlideTileReader, threads: int) -> list[np.ndarray]:
-    return [tile for _, _, tile in iter_slide_tiles([reader], threads)]
-
-
-def assert_same(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
-    assert len(actual) == len(expected)
-    for index, (a, b) in enumerate(zip(actual, expected, strict=True)):
-        assert a.dtype == np.uint8 and a.shape == (224, 224, 3)
-        assert np.array_equal(a, b), f"tile {index} differs"
 
 
 @pytest.mark.parametrize(
@@ -76,7 +66,7 @@ def test_aperio_svs_is_read_from_its_jpeg_tiles(tmp_path):
 @pytest.mark.parametrize("block", [256, 1024])
 def test_region_fallback_equals_read_tile(make_slide, monkeypatch, block):
     """Formats without addressable JPEG tiles: aligned OpenSlide regions, cut in memory."""
-    monkeypatch.setattr(tilereader, "_find_jpeg_page", lambda *args: None)
+    monkeypatch.setattr(tilereader, "_jpeg_tiff_source", lambda *args: None)
     monkeypatch.setattr(tilereader, "REGION_BLOCK_PX", block)
     path = make_slide(width=3000, height=2200, mpp=0.5)
     coords, size, level, ds = grid_coords(path, 2.0)
@@ -85,27 +75,17 @@ def test_region_fallback_equals_read_tile(make_slide, monkeypatch, block):
     assert_same(read_all(reader, 2), expected_tiles(path, coords, size, level, ds))
 
 
-def test_sub_pixel_level_positions_are_read_tile_by_tile(make_slide):
-    """4100 x 3075 px: level 1 has downsample 4.0019, so positions fall between pixels."""
-    path = make_slide(width=4100, height=3075, mpp=0.5)
-    coords, size, level, ds = grid_coords(path, 2.0)
-    assert ds != round(ds)
-    reader = SlideTileReader(str(path), "s", coords, size, level, ds, 224)
-    assert reader.mode == "per-tile"
-    assert_same(read_all(reader, 2), expected_tiles(path, coords, size, level, ds))
-
-
 def test_each_stored_tile_is_decoded_once_and_released(make_slide, monkeypatch):
     path = make_slide(width=4096, height=3072, mpp=0.5)
     coords, size, level, ds = grid_coords(path, 2.0, pad=0)
     loads: Counter = Counter()
-    original = tilereader._JpegTiffSource.load
+    original = tilereader._StoredTiles.load
 
     def counting(self, key):
         loads[key] += 1
         return original(self, key)
 
-    monkeypatch.setattr(tilereader._JpegTiffSource, "load", counting)
+    monkeypatch.setattr(tilereader._StoredTiles, "load", counting)
     reader = SlideTileReader(str(path), "s", coords, size, level, ds, 224)
     read_all(reader, 2)
     needed = {key for keys in reader._keys for key in keys}
@@ -118,10 +98,8 @@ def test_each_stored_tile_is_decoded_once_and_released(make_slide, monkeypatch):
 
 
 def test_decoder_disagreement_switches_to_openslide(make_slide, monkeypatch, caplog):
-    original = tilereader._JpegTiffSource.load
-    monkeypatch.setattr(
-        tilereader._JpegTiffSource, "load", lambda self, key: original(self, key) // 2
-    )
+    original = tilereader._StoredTiles.load
+    monkeypatch.setattr(tilereader._StoredTiles, "load", lambda self, key: original(self, key) // 2)
     path = make_slide(width=3000, height=2200, mpp=0.5)
     coords, size, level, ds = grid_coords(path, 2.0)
     reader = SlideTileReader(str(path), "s", coords, size, level, ds, 224)
@@ -154,7 +132,7 @@ def test_a_damaged_stored_tile_fails_as_openslide_fails(make_slide, tmp_path):
 def test_batches_cross_slides_in_order_and_equal_read_tile(make_slide):
     paths = [
         make_slide(name="a.tif", width=3000, height=2200, mpp=0.5),
-        make_slide(name="b.tif", width=4100, height=3075, mpp=0.5),  # per-tile path
+        make_slide(name="b.tif", width=4096, height=3072, mpp=0.5),
     ]
     geometries, expected = [], []
     for i, path in enumerate(paths):
