@@ -244,8 +244,9 @@ def prepare_state_dict(
     """The published CoCa file -> the vision tower's state dict at `img_size`.
 
     ['state_dict'] if present; a `module.` prefix on every key stripped (on some keys only:
-    refused); keys under TEXT_PREFIXES dropped; `visual.` stripped from the rest (any other key
-    stays and fails the strict load, named); `trunk.pos_embed` resampled to the model's grid.
+    refused); keys under TEXT_PREFIXES dropped; `visual.` stripped from the rest; any other key
+    refused, named; `trunk.pos_embed` resampled to the model's grid. Missing, extra or misshapen
+    vision keys are left for the strict load to name.
     """
     sd = unwrap_state_dict(checkpoint, "state_dict", "conch_v1", path)
     prefixed = [k.startswith(MODULE_PREFIX) for k in sd]
@@ -257,14 +258,15 @@ def prepare_state_dict(
                 f"and some do not (e.g. {plain!r})"
             )
         sd = {k[len(MODULE_PREFIX) :]: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith(TEXT_PREFIXES):
-            continue
-        name = key[len(VISUAL_PREFIX) :] if key.startswith(VISUAL_PREFIX) else key
-        if name in out:
-            raise WeightsError(f"conch_v1: weight file {str(path)!r}: {name!r} appears twice")
-        out[name] = value
+    other = [k for k in sd if not k.startswith((VISUAL_PREFIX, *TEXT_PREFIXES))]
+    if other:
+        shown = ", ".join(other[:8]) + (f" ... and {len(other) - 8} more" if len(other) > 8 else "")
+        raise WeightsError(
+            f"conch_v1: weight file {str(path)!r} does not fit the CONCH v1 CoCa: keys neither "
+            f"under {VISUAL_PREFIX!r} nor on the text side {TEXT_PREFIXES}: {shown}"
+        )
+    # The text side is dropped by name; every visual key goes on to the strict load.
+    out = {k[len(VISUAL_PREFIX) :]: v for k, v in sd.items() if k.startswith(VISUAL_PREFIX)}
     if "trunk.pos_embed" in out:
         out["trunk.pos_embed"] = resize_pos_embed(out["trunk.pos_embed"], img_size // patch_size)
     return out
