@@ -23,6 +23,7 @@ from eagleflow.summary import (
     comparison_columns,
     comparison_grid,
     comparison_table,
+    grid_html,
     read_compute,
     summarize_run,
 )
@@ -439,24 +440,41 @@ def test_delong_against_eagle_at_the_same_magnification_bh_over_the_table():
     assert (titan["base"], titan["tile_px"], titan["tile_mpp"]) == ("titan", 512, 0.5)
 
 
-def test_without_eagle_at_a_magnification_nothing_is_tested_there():
+def test_without_eagle_at_a_magnification_the_configured_eagle_is_named():
     metrics, delong, compute = grid_inputs()
     metrics = metrics[metrics["embedding"] != "eagle@0.5mpp"]
     table = comparison_table(metrics, delong, compute)
-    at_half = table[table["tile_mpp"] == 0.5]
-    assert at_half["delong_p_vs_eagle"].isna().all()
-    # the configured grid is still tested, against plain eagle: 3 tests, BH over those only
-    tested = table.dropna(subset=["delong_p_vs_eagle"])
-    assert sorted(tested["delong_p_vs_eagle"]) == [0.001, 0.006, 0.03]
+    # the 0.5 µm/px embeddings fall back to eagle at its configured grid (2 µm/px), named
+    at_half = table[table["tile_mpp"] == 0.5].set_index(["set", "embedding"])
+    assert set(at_half["delong_reference"]) == {"eagle"}
+    assert at_half.loc[("crossval", "chief@0.5mpp"), "delong_p_vs_eagle"] == 0.0001
+    assert at_half.loc[("crossval", "titan"), "delong_p_vs_eagle"] == 0.0003
+    assert at_half.loc[("external:EXT", "chief@0.5mpp"), "delong_p_vs_eagle"] == 0.0006
+    # a pair delong.csv lacks stays untested, and out of the family
+    assert pd.isna(at_half.loc[("crossval", "meanpool_ctranspath@0.5mpp"), "delong_p_vs_eagle"])
+    # BH over the 6 tests, by hand: p x 6 / rank, monotone
+    tested = table.dropna(subset=["delong_p_vs_eagle"]).sort_values("delong_p_vs_eagle")
+    assert list(tested["delong_p_vs_eagle"]) == [0.0001, 0.0003, 0.0006, 0.001, 0.006, 0.03]
     np.testing.assert_allclose(
-        sorted(tested["delong_p_bh"]), [0.003, 0.009, 0.03], rtol=0, atol=1e-12
+        tested["delong_p_bh"], [0.0006, 0.0009, 0.0012, 0.0015, 0.0072, 0.03], rtol=1e-12
     )
+    # the page names the reference where it is not in the cell's column
+    page = grid_html(comparison_grid(table))
+    assert "BH 0.0009 vs eagle</small>" in page and "BH 0.0015</small>" in page
 
 
 def test_grid_pivots_embeddings_by_magnification():
     comparison = comparison_table(*grid_inputs())
     grid = comparison_grid(comparison)
-    fields = ["embedding", "auroc", "auroc_low", "auroc_high", "delong_p", "delong_p_bh"]
+    fields = [
+        "embedding",
+        "auroc",
+        "auroc_low",
+        "auroc_high",
+        "delong_reference",
+        "delong_p",
+        "delong_p_bh",
+    ]
     assert list(grid.columns) == [
         "task",
         "set",
@@ -483,8 +501,9 @@ def test_grid_pivots_embeddings_by_magnification():
             assert row[f"embedding_{label}"] == embedding
             assert (row[f"auroc_{label}"], row[f"auroc_low_{label}"]) == (value, low)
             assert row[f"auroc_high_{label}"] == high
-            p, p_bh, _ = GRID_P.get((set_name, embedding), (math.nan, math.nan, ""))
+            p, p_bh, against = GRID_P.get((set_name, embedding), (math.nan, math.nan, math.nan))
             np.testing.assert_equal(row[f"delong_p_{label}"], p)
+            np.testing.assert_equal(row[f"delong_reference_{label}"], against)
             np.testing.assert_allclose(row[f"delong_p_bh_{label}"], p_bh, atol=1e-12)
     # titan ran at 0.5 µm/px only; meanpool_ctranspath's external cell is empty
     assert pd.isna(cell.loc[("crossval", "titan"), "embedding_2mpp"])

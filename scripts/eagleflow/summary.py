@@ -41,7 +41,15 @@ COMPARISON_COMPUTE = [
 # the grid of an embedding, from compute.csv (never parsed from its name)
 COMPARISON_GRID = ["base", "tile_px", "tile_mpp"]
 # per magnification in comparison_grid.csv: `<field>_<mpp>mpp`
-GRID_FIELDS = ("embedding", "auroc", "auroc_low", "auroc_high", "delong_p", "delong_p_bh")
+GRID_FIELDS = (
+    "embedding",
+    "auroc",
+    "auroc_low",
+    "auroc_high",
+    "delong_reference",
+    "delong_p",
+    "delong_p_bh",
+)
 
 
 def comparison_columns(reference: str = "eagle") -> list[str]:
@@ -158,20 +166,23 @@ def same_magnification_reference(
     reference: str = "eagle",
 ) -> str | None:
     """The `reference` embedding (base name) an embedding is tested against: the one at its
-    magnification (tile µm/px), at its tile px if there are several; None if there is none.
+    magnification (tile µm/px), at its tile px if there are several.
 
-    An embedding whose grid is unknown (not in compute.csv) is tested against `reference` itself.
+    Where no `reference` ran at that magnification (a model at its native grid), or the grid is
+    unknown (not in compute.csv), it is `reference` itself, at its configured grid; None if that
+    did not run either.
     """
     mpp = _finite(grids[embedding]["tile_mpp"])
-    if mpp is None:
-        return reference if reference in candidates else None
     at_mpp = [
         c
         for c in candidates
-        if grids[c]["base"] == reference and _finite(grids[c]["tile_mpp"]) == mpp
+        if mpp is not None
+        and grids[c]["base"] == reference
+        and _finite(grids[c]["tile_mpp"]) == mpp
     ]
     same_px = [c for c in at_mpp if grids[c]["tile_px"] == grids[embedding]["tile_px"]]
-    return (same_px or at_mpp or [None])[0]
+    configured = [reference] if reference in candidates else []
+    return (same_px or at_mpp or configured or [None])[0]
 
 
 def comparison_table(
@@ -222,7 +233,7 @@ def comparison_table(
                 tested = against is not None and against != embedding
                 if against is None:
                     log.warning(
-                        "%s, %s: no %s at the magnification of %s: not tested",
+                        "%s, %s: no %s ran, at %s's magnification or at all: not tested",
                         task,
                         set_name,
                         reference,
@@ -259,7 +270,8 @@ def comparison_grid(comparison: pd.DataFrame, reference: str = "eagle") -> pd.Da
     """The comparison pivoted as the paper shows it: per task and set, one row per embedding (its
     base name, and tile px) and per magnification (tile µm/px, ascending) the embedding there, its
     AUROC with 95% CI and DeLong's p (raw and BH, the comparison table's family) against
-    `reference` at that magnification.
+    `reference` at that magnification (or at its configured grid where none ran there: the
+    embedding tested against is `delong_reference`).
 
     Columns: task, set, embedding (base), tile_px, then `<field>_<mpp>mpp` for each field of
     GRID_FIELDS. Rows keep report order; an embedding whose cell is taken by another of the same
@@ -287,7 +299,7 @@ def comparison_grid(comparison: pd.DataFrame, reference: str = "eagle") -> pd.Da
             key = (row["task"], row["set"], row["embedding"], px)
         cell = cells.setdefault(key, {})
         cell[f"embedding_{label}"] = row["embedding"]
-        for field in ("auroc", "auroc_low", "auroc_high", "delong_p_bh"):
+        for field in ("auroc", "auroc_low", "auroc_high", "delong_reference", "delong_p_bh"):
             cell[f"{field}_{label}"] = row[field]
         cell[f"delong_p_{label}"] = row[p_column]
     rows = [
@@ -344,8 +356,9 @@ def _format_mpp(value: Any) -> str:
     return "" if _finite(value) is None else f"{float(value):g}"
 
 
-def _grid_cell(row: Mapping[str, Any], label: str) -> str:
-    """AUROC [95% CI], and under it DeLong's p (raw, BH) against the reference at this grid."""
+def _grid_cell(row: Mapping[str, Any], label: str, in_column: set[str]) -> str:
+    """AUROC [95% CI], and under it DeLong's p (raw, BH) against the reference at this grid;
+    the reference is named where it is not in this column (no reference at this grid)."""
     if pd.isna(row.get(f"embedding_{label}")):
         return ""
     text = _format_estimate(
@@ -353,7 +366,9 @@ def _grid_cell(row: Mapping[str, Any], label: str) -> str:
     )
     p, p_bh = row[f"delong_p_{label}"], row[f"delong_p_bh_{label}"]
     if not pd.isna(p):
-        text += f"<br><small>p {p:.3g}, BH {p_bh:.3g}</small>"
+        against = row[f"delong_reference_{label}"]
+        elsewhere = "" if against in in_column else f" vs {html.escape(str(against))}"
+        text += f"<br><small>p {p:.3g}, BH {p_bh:.3g}{elsewhere}</small>"
     return text
 
 
@@ -365,13 +380,17 @@ def grid_html(grid: pd.DataFrame) -> str:
         for label in labels
     }
     records = grid.to_dict("records")
+    columns = {label: set(grid[f"embedding_{label}"].dropna()) for label in labels}
     shown = pd.DataFrame(
         {
             "task": [html.escape(str(r["task"])) for r in records],
             "set": [html.escape(str(r["set"])) for r in records],
             "embedding": [html.escape(str(r["embedding"])) for r in records],
             "tile px": [_format_px(r["tile_px"]) for r in records],
-            **{titles[label]: [_grid_cell(r, label) for r in records] for label in labels},
+            **{
+                titles[label]: [_grid_cell(r, label, columns[label]) for r in records]
+                for label in labels
+            },
         }
     )
     return shown.set_index(["task", "set", "embedding", "tile px"]).to_html(escape=False)
