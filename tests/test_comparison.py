@@ -466,7 +466,8 @@ def test_without_eagle_at_a_magnification_the_configured_eagle_is_named():
 def test_grid_pivots_embeddings_by_magnification():
     comparison = comparison_table(*grid_inputs())
     grid = comparison_grid(comparison)
-    fields = "embedding auroc auroc_low auroc_high delong_reference delong_p delong_p_bh".split()
+    fields = ["embedding", "auroc", "auroc_low", "auroc_high"]
+    fields += ["delong_reference", "delong_p", "delong_p_bh"]
     assert list(grid.columns) == [
         "task",
         "set",
