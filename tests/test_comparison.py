@@ -460,7 +460,7 @@ def test_without_eagle_at_a_magnification_the_configured_eagle_is_named():
     )
     # the page names the reference where it is not in the cell's column
     page = grid_html(comparison_grid(table))
-    assert "BH 0.0009 vs eagle</small>" in page and "BH 0.0015</small>" in page
+    assert "BH 0.0009 vs eagle at 2 µm/px</small>" in page and "BH 0.0015</small>" in page
 
 
 def test_grid_pivots_embeddings_by_magnification():

@@ -442,8 +442,10 @@ def efficiency_figure(
             ax.set_xscale("log")
             # labelled minor ticks of short log ranges cost seconds in the layout, say little
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            # limits first (a lone point has no range); room on the right for the labels
+            ax.set_xlim(shown["compute"].min() / 2, shown["compute"].max() * 4)
             _efficiency_panel(ax, shown, colours, markers)
-            ax.margins(x=0.25, y=0.15)
+            ax.margins(y=0.15)
     if len(grids) > 1:
         handles = [
             plt.Line2D([], [], ls="", marker=markers[g], color="grey", label=g) for g in grids

@@ -356,9 +356,9 @@ def _format_mpp(value: Any) -> str:
     return "" if _finite(value) is None else f"{float(value):g}"
 
 
-def _grid_cell(row: Mapping[str, Any], label: str, in_column: set[str]) -> str:
+def _grid_cell(row: Mapping[str, Any], label: str, column_of: Mapping[str, str]) -> str:
     """AUROC [95% CI], and under it DeLong's p (raw, BH) against the reference at this grid;
-    the reference is named where it is not in this column (no reference at this grid)."""
+    the reference and its column are named where it is not in this one (none ran at this grid)."""
     if pd.isna(row.get(f"embedding_{label}")):
         return ""
     text = _format_estimate(
@@ -367,7 +367,11 @@ def _grid_cell(row: Mapping[str, Any], label: str, in_column: set[str]) -> str:
     p, p_bh = row[f"delong_p_{label}"], row[f"delong_p_bh_{label}"]
     if not pd.isna(p):
         against = row[f"delong_reference_{label}"]
-        elsewhere = "" if against in in_column else f" vs {html.escape(str(against))}"
+        elsewhere = (
+            ""
+            if column_of.get(against) == column_of[row[f"embedding_{label}"]]
+            else f" vs {html.escape(str(against))} at {column_of.get(against, '?')}"
+        )
         text += f"<br><small>p {p:.3g}, BH {p_bh:.3g}{elsewhere}</small>"
     return text
 
@@ -380,7 +384,7 @@ def grid_html(grid: pd.DataFrame) -> str:
         for label in labels
     }
     records = grid.to_dict("records")
-    columns = {label: set(grid[f"embedding_{label}"].dropna()) for label in labels}
+    column_of = {e: titles[lb] for lb in labels for e in grid[f"embedding_{lb}"].dropna()}
     shown = pd.DataFrame(
         {
             "task": [html.escape(str(r["task"])) for r in records],
@@ -388,7 +392,7 @@ def grid_html(grid: pd.DataFrame) -> str:
             "embedding": [html.escape(str(r["embedding"])) for r in records],
             "tile px": [_format_px(r["tile_px"]) for r in records],
             **{
-                titles[label]: [_grid_cell(r, label, columns[label]) for r in records]
+                titles[label]: [_grid_cell(r, label, column_of) for r in records]
                 for label in labels
             },
         }
