@@ -371,24 +371,39 @@ def read_level_downscaled(
     scale: float,
     chunk: int = 4096,
 ) -> np.ndarray:
-    """Read a whole level in chunks and shrink each by `scale` (< 1), so memory stays bounded."""
+    """Read a whole level in chunks and shrink each by `scale` (<= 1), so memory stays bounded.
+
+    The chunks come from the level's stored tiles where eagleflow.tilereader can decode them:
+    on a rounded level OpenSlide would interpolate every chunk but the first (and it is slower).
+    """
+    from eagleflow.tilereader import LevelPixels
+
     level_w, level_h = info.level_dimensions[level]
     downsample = info.level_downsamples[level]
     out_w, out_h = max(1, round(level_w * scale)), max(1, round(level_h * scale))
     out = np.full((out_h, out_w, 3), 255, dtype=np.uint8)
-    for top in range(0, level_h, chunk):
-        for left in range(0, level_w, chunk):
-            w, h = min(chunk, level_w - left), min(chunk, level_h - top)
-            region = np.asarray(
-                slide.read_region(
-                    (round(left * downsample), round(top * downsample)), level, (w, h)
-                )
-            )
-            x0, y0 = round(left * scale), round(top * scale)
-            x1, y1 = min(out_w, round((left + w) * scale)), min(out_h, round((top + h) * scale))
-            if x1 <= x0 or y1 <= y0:
-                continue
-            out[y0:y1, x0:x1] = cv2.resize(
-                rgba_to_rgb(region), (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA
-            )
+    pixels = LevelPixels.open(info.path, slide, level)
+
+    def read(left: int, top: int, w: int, h: int) -> np.ndarray:
+        if pixels is not None:
+            return pixels.region(left, top, w, h)
+        origin = (round(left * downsample), round(top * downsample))
+        return rgba_to_rgb(np.asarray(slide.read_region(origin, level, (w, h))))
+
+    try:
+        for top in range(0, level_h, chunk):
+            for left in range(0, level_w, chunk):
+                w, h = min(chunk, level_w - left), min(chunk, level_h - top)
+                x0, y0 = round(left * scale), round(top * scale)
+                x1 = min(out_w, round((left + w) * scale))
+                y1 = min(out_h, round((top + h) * scale))
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                region = read(left, top, w, h)
+                if (x1 - x0, y1 - y0) != (w, h):
+                    region = cv2.resize(region, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+                out[y0:y1, x0:x1] = region
+    finally:
+        if pixels is not None:
+            pixels.close()
     return out

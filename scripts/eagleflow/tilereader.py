@@ -329,6 +329,46 @@ def _source_keys(source: _Source, left: int, top: int, side: int) -> list[Key]:
     return [(c, r) for r in rows for c in columns]
 
 
+class LevelPixels:
+    """Any rectangle of one level's stored pixels, decoded from its stored tiles (no OpenSlide).
+
+    For whole-level reads (the tissue mask, thumbnails): OpenSlide would interpolate every
+    region that does not start at level-0 (0, 0) on a rounded level. Checked against OpenSlide
+    on the level's top-left block; `open` gives None where it cannot serve.
+    """
+
+    def __init__(self, source: _Source) -> None:
+        self._source = source
+
+    @classmethod
+    def open(cls, path: str, slide: openslide.OpenSlide, level: int) -> LevelPixels | None:
+        source = _jpeg_tiff_source(path, slide, level) or _dicom_source(path, slide, level)
+        if source is None:
+            return None
+        if not _origin_agrees(source, slide, level):
+            source.close()
+            return None
+        return cls(source)
+
+    def region(self, left: int, top: int, w: int, h: int) -> np.ndarray:
+        """Pixels [top, top+h) x [left, left+w) of the level, RGB uint8, white outside it."""
+        return _cut_from(self._source, self._source.load, left, top, w, h)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _origin_agrees(source: _Source, slide: openslide.OpenSlide, level: int) -> bool:
+    """Do our decodes equal OpenSlide's on the level's top-left block? OpenSlide reads it at
+    level-0 (0, 0), on whole pixels whatever the downsample."""
+    w, h = min(CHECK_BLOCK_PX, source.width), min(CHECK_BLOCK_PX, source.height)
+    expected = rgba_to_rgb(np.asarray(slide.read_region((0, 0), level, (w, h))))
+    try:
+        return np.array_equal(_cut_from(source, source.load, 0, 0, w, h), expected)
+    except Exception:
+        return False
+
+
 class SlideTileReader:
     """The tiles at `coords` (level-0 x, y) of one slide, placed by the module's rule.
 
@@ -460,14 +500,7 @@ class SlideTileReader:
                 return np.array_equal(self._cut(index), reference), reference
             except Exception:
                 return False, reference
-        w, h = min(CHECK_BLOCK_PX, source.width), min(CHECK_BLOCK_PX, source.height)
-        expected = rgba_to_rgb(
-            np.asarray(self._handles.get().read_region((0, 0), self.level, (w, h)))
-        )
-        try:
-            return np.array_equal(_cut_from(source, source.load, 0, 0, w, h), expected), None
-        except Exception:
-            return False, None
+        return _origin_agrees(source, self._handles.get(), self.level), None
 
     def _check(self, index: int) -> np.ndarray | None:
         """Check our decoders on the first tile asked for; OpenSlide's tile if it was read."""

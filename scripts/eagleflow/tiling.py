@@ -279,7 +279,9 @@ def tile_slide_grids(
         geometry.append((grid, size, xs, ys))
 
     mask_level = best_level(info, params.mask_mpp)
-    scale_in_level = info.level_mpp(mask_level) / params.mask_mpp
+    # the level's true µm per pixel (its integer factor on a rounded level: 64, not 63.97)
+    factor = level_factor(info.level_dimensions, info.level_downsamples, mask_level)
+    scale_in_level = info.mpp * factor / params.mask_mpp
     try:
         thumbnail = read_level_downscaled(slide, info, mask_level, min(1.0, scale_in_level))
     except openslide.OpenSlideError as err:

@@ -9,6 +9,9 @@ hematoxylin nuclei, grain) cut from a per-slide atlas; levels 2 and 3 are its ex
 averages. Level 0 is never read at 2 µm/px: its tissue tiles are drawn from a few pre-encoded
 textured tiles, so that writing a 10^10-pixel level stays a matter of seconds while its size,
 tiling and file layout are those of a real scan. Slides are cached: same size and seed, same file.
+
+Level sizes are W // 4^k by default; `rounding="ceil"` stores ceil(W / 4^k) x ceil(H / 4^k), as
+an Aperio SVS does, so OpenSlide's downsamples are fractional (3.99997 for 120,001 px).
 """
 
 from __future__ import annotations
@@ -72,8 +75,14 @@ def encoded_tiles(tiles: list[np.ndarray]) -> list[bytes]:
         return [data[o : o + n] for o, n in spans]
 
 
-def make_slide(path: Path, width: int, height: int, seed: int) -> Path:
+def make_slide(path: Path, width: int, height: int, seed: int, rounding: str = "floor") -> Path:
     """Write one synthetic slide to `path` (atomically) unless it is already there."""
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"rounding must be 'floor' or 'ceil', not {rounding!r}")
+
+    def shrink(size: int, d: int) -> int:  # a level's side: W / d rounded as asked
+        return size // d if rounding == "floor" else -(-size // d)
+
     if path.is_file():
         return path
     rng = np.random.default_rng(seed)
@@ -82,10 +91,10 @@ def make_slide(path: Path, width: int, height: int, seed: int) -> Path:
     )
     tissue = _tissue_field(spec, rng, MASK_UM)  # uint8, > 127 is tissue, one cell per 64 px
     atlas = he_atlas(rng)
-    level_w, level_h = width // 4, height // 4
+    level_w, level_h = shrink(width, 4), shrink(height, 4)
     columns, rows = -(-level_w // TILE), -(-level_h // TILE)
     padded = cv2.copyMakeBorder(tissue, 0, rows * 16 + 1, 0, columns * 16 + 1, cv2.BORDER_CONSTANT)
-    level2 = np.full((level_h // 4, level_w // 4, 3), BACKGROUND, np.uint8)
+    level2 = np.full((shrink(level_h, 4), shrink(level_w, 4), 3), BACKGROUND, np.uint8)
     white = np.full((TILE, TILE, 3), BACKGROUND, np.uint8)
 
     def level1_tiles():
@@ -142,7 +151,9 @@ def make_slide(path: Path, width: int, height: int, seed: int) -> Path:
                 data, resolution=(resolution, resolution), subfiletype=int(i > 0), **common, **extra
             )
         level3 = cv2.resize(
-            level2, (level2.shape[1] // 4, level2.shape[0] // 4), interpolation=cv2.INTER_AREA
+            level2,
+            (shrink(level2.shape[1], 4), shrink(level2.shape[0], 4)),
+            interpolation=cv2.INTER_AREA,
         )
         resolution = 1e4 / (MPP * DOWNSAMPLES[3])
         tif.write(level3, resolution=(resolution, resolution), subfiletype=1, **common)
@@ -150,7 +161,12 @@ def make_slide(path: Path, width: int, height: int, seed: int) -> Path:
     return path
 
 
-def make_cohort(cache: Path, n_slides: int, width: int, height: int) -> list[Path]:
+def make_cohort(
+    cache: Path, n_slides: int, width: int, height: int, rounding: str = "floor"
+) -> list[Path]:
     """`n_slides` slides of width x height px in `cache` (made once, then reused)."""
-    name = f"v{GENERATOR_VERSION}_{width}x{height}"
-    return [make_slide(cache / f"{name}_s{i}.tif", width, height, seed=i) for i in range(n_slides)]
+    name = f"v{GENERATOR_VERSION}_{width}x{height}" + ("_ceil" if rounding == "ceil" else "")
+    return [
+        make_slide(cache / f"{name}_s{i}.tif", width, height, seed=i, rounding=rounding)
+        for i in range(n_slides)
+    ]
