@@ -14,7 +14,7 @@ rule attention_chief:
         mem_mb=4000,
         runtime=30,
     params:
-        code=stage_code_digest("attention_chief"),
+        code=stage_code_digest("attention_chief", ("chief",)),
         slides=batch_params(
             features=f"results/features/{SELECTION_ENCODER}/{{slide}}.h5",
             output="results/attention/chief/{slide}.h5",

@@ -29,6 +29,7 @@ from eagleflow.encoders import (  # noqa: E402
     check_encoder_config,
     configured_embeddings,
     required_models,
+    slide_encoder_settings,
     tile_encoder_grids,
 )
 from eagleflow.tasks import validate_tasks  # noqa: E402
@@ -74,9 +75,9 @@ GRID_NAMES = [grid.name for grid in GRIDS]
 TILE_ENCODER_NAMES = list(config["tile_encoders"])
 EAGLE_ENCODERS = as_list(config["eagle"]["encoder"])
 TOP_KS = [int(k) for k in as_list(config["eagle"]["top_k"])]
-SLIDE_ENCODER_CONFIG = config.get("slide_encoders") or {}
+SLIDE_ENCODER_CONFIG = slide_encoder_settings(config.get("slide_encoders"))
 EMBEDDINGS = configured_embeddings(
-    TILE_ENCODER_NAMES, EAGLE_ENCODERS, TOP_KS, list(SLIDE_ENCODER_CONFIG)
+    TILE_ENCODER_NAMES, EAGLE_ENCODERS, TOP_KS, SLIDE_ENCODER_CONFIG
 )
 EMBEDDING_NAMES = [spec.name for spec in EMBEDDINGS]
 for section in ("umap", "retrieval"):
@@ -216,6 +217,17 @@ def tile_encoder_models(wildcards):
     return encoder_models(wildcards.encoder)
 
 
+def model_stage_code(stage):
+    """Params function: the code digest of a tile-encoder stage with its encoder's model files
+    (adding or editing another model's file replans nothing here)."""
+
+    def code(wildcards):
+        models = TILE_ENCODERS[wildcards.encoder].models_for(STAINS)
+        return stage_code_digest(stage, tuple(models))
+
+    return code
+
+
 def tiling_grids():
     """The grids every slide is tiled at, as plain data (a change replans tiling)."""
     return [{"tile_px": grid.tile_px, "tile_mpp": grid.tile_mpp} for grid in GRIDS]
@@ -233,13 +245,14 @@ def eagle_params():
 
 
 def patient_bags(name):
-    """Slide-encoder bags: per patient and stain (one pass over its slides), or per slide."""
-    level = SLIDE_ENCODER_CONFIG[name]["level"]
+    """Slide-encoder bags: per patient and stain (early fusion: one pass over its slides), or
+    per slide (late fusion: the patient's embedding is the mean of its slides')."""
+    fusion = SLIDE_ENCODER_CONFIG[name]["fusion"]
     bags = {}
     for slide in sorted(SLIDES.index):
         bag = (
             slide
-            if level == "slide"
+            if fusion == "late"
             else f"{SLIDE_PATIENTS[slide]}.{SLIDE_STAINS[slide]}"
         )
         bags.setdefault(bag, []).append(slide)
@@ -255,7 +268,7 @@ SLIDE_ENCODER_BATCHES = {
 def slide_encoder_bags(wildcards):
     """Params function: the bags of the job's batch, each with its slides' feature files."""
     name = wildcards.slide_encoder
-    tile_encoder = SLIDE_ENCODERS[name].tile_encoder
+    tile_encoder = SLIDE_ENCODER_CONFIG[name]["tile_encoder"]
     bags = SLIDE_ENCODER_BAGS[name]
     return [
         {
@@ -274,8 +287,19 @@ def slide_encoder_bags(wildcards):
     ]
 
 
+def slide_encoder_model_settings(wildcards):
+    """The `models:` settings of the job's slide encoder."""
+    return config["models"].get(SLIDE_ENCODERS[wildcards.slide_encoder].model, {})
+
+
+def slide_encoder_code(wildcards):
+    """The slide-encoder stage's code digest with its model's file."""
+    model = SLIDE_ENCODERS[wildcards.slide_encoder].model
+    return stage_code_digest("slide_encoders_encode_bags", (model,))
+
+
 def slide_encoder_inputs(wildcards):
-    tile_encoder = SLIDE_ENCODERS[wildcards.slide_encoder].tile_encoder
+    tile_encoder = SLIDE_ENCODER_CONFIG[wildcards.slide_encoder]["tile_encoder"]
     return expand(
         "results/features/{encoder}/batches/{batch}.tsv",
         encoder=tile_encoder,
@@ -305,6 +329,7 @@ def embedding_specs():
             "kind": spec.kind,
             "encoder": spec.encoder,
             "top_k": spec.top_k,
+            "tile_encoder": spec.tile_encoder,
         }
         for spec in EMBEDDINGS
     ]

@@ -20,7 +20,7 @@ rule eagle_embed_topk:
         mem_mb=16000,
         runtime=120,
     params:
-        code=stage_code_digest("eagle_embed_topk"),
+        code=model_stage_code("eagle_embed_topk"),
         slides=batch_params(
             tiles=f"results/tiles/{SELECTION_GRID.name}/{{slide}}.h5",
             attention="results/attention/chief/{slide}.h5",

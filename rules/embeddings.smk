@@ -38,8 +38,8 @@ rule embeddings_collect:
         stain_tables=STAIN_TABLES,
         eagle={
             "aggregation": config["eagle"]["aggregation"],
-            "slide_encoder_levels": {
-                name: settings["level"]
+            "slide_encoder_fusion": {
+                name: settings["fusion"]
                 for name, settings in SLIDE_ENCODER_CONFIG.items()
             },
         },

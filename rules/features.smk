@@ -17,7 +17,7 @@ rule features_encode_tiles:
         mem_mb=8000,
         runtime=120,
     params:
-        code=stage_code_digest("features_encode_tiles"),
+        code=model_stage_code("features_encode_tiles"),
         slides=batch_params(
             tiles="results/tiles/{grid}/{slide}.h5",
             output="results/features/{encoder}/{slide}.h5",

@@ -1,6 +1,7 @@
-# Slide encoders over bags of tile embeddings: a patient's slides of one stain in one pass (the
-# better option in the Prov-GigaPath paper), or one slide. Bags are hashed into batches.
-rule slide_encoder_gigapath:
+# Slide encoders over bags of tile embeddings, one rule for all (Prov-GigaPath, TITAN, MADELEINE,
+# PRISM, COBRA): a patient's slides of one stain in one pass (early fusion, as the EAGLE paper
+# and STAMP), or one slide (late fusion). Bags are hashed into batches.
+rule slide_encoders_encode_bags:
     input:
         features=slide_encoder_inputs,
     output:
@@ -10,7 +11,7 @@ rule slide_encoder_gigapath:
     benchmark:
         "benchmarks/slide_encoders/{slide_encoder}/{batch}.tsv"
     wildcard_constraints:
-        slide_encoder="gigapath_slide",
+        slide_encoder=alternatives(SLIDE_ENCODER_CONFIG),
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -18,9 +19,9 @@ rule slide_encoder_gigapath:
         mem_mb=16000,
         runtime=60,
     params:
-        code=stage_code_digest("slide_encoder_gigapath"),
+        code=slide_encoder_code,
         bags=slide_encoder_bags,
-        model=config["models"].get("gigapath_slide", {}),
+        model=slide_encoder_model_settings,
         slide_encoder=lambda wildcards: SLIDE_ENCODER_CONFIG[wildcards.slide_encoder],
     script:
-        "../scripts/slide_encoder_gigapath.py"
+        "../scripts/slide_encoders_encode_bags.py"

@@ -45,7 +45,7 @@ def comparison_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *(f"config/{n}" for n in ("config.yaml", "comparison.yaml", "small.yaml")),
     ]
     result = run([*SNAKEMAKE, "--cores", "2", "--directory", str(work), *configs], cwd=work)
-    assert "slide_encoder_gigapath" in result.stderr
+    assert "slide_encoders_encode_bags" in result.stderr
     assert (
         job_counts(run([*SNAKEMAKE, "-n", "--directory", str(work), *configs], cwd=work).stdout)
         == {}

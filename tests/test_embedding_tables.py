@@ -101,7 +101,7 @@ def tables(tmp_path: Path) -> dict:
         {"ctranspath": m["ctranspath"], "gigapath_tile": m["gigapath_tile"]},
         {"virchow2": m["virchow2"]},
         {"gigapath_slide": m["gigapath_slide"]},
-        {"aggregation": "mean", "slide_encoder_levels": {"gigapath_slide": "patient"}},
+        {"aggregation": "mean", "slide_encoder_fusion": {"gigapath_slide": "early"}},
         str(tmp_path / "slides.h5"),
         str(tmp_path / "patients.h5"),
         str(tmp_path / "compute.csv"),
@@ -148,3 +148,53 @@ def test_compute_rows_count_forwards_and_seconds_per_slide(tables):
     assert compute.loc["gigapath_slide", "seconds_per_slide"] == pytest.approx(3.0)
     assert compute.loc["gigapath_slide", "slide_forwards_per_slide"] == pytest.approx(1.0)
     assert compute.loc["meanpool_gigapath_tile", "demo_weights"] == "gigapath_tile"
+
+
+def test_late_fusion_is_the_plain_mean_of_slides_and_early_the_patients_bag(tmp_path: Path):
+    """Two slide encoders in one table: bag ids repeat between them, fusions differ."""
+    made = _fabricate(tmp_path)
+    m = made["manifests"]
+    rng = np.random.default_rng(7)
+    slide_rows, slide_bags = [], {}
+    for slide, *_ in SLIDES:  # late fusion: one bag per slide, named by the slide
+        slide_bags[slide] = rng.normal(size=768).astype(np.float32)
+        path = tmp_path / "late" / f"{slide}.h5"
+        write_h5(
+            path,
+            {"embedding": slide_bags[slide], "slide_order": np.array([slide.encode()])},
+            {"n_tiles": 1, "compute_seconds": 1.0},
+        )
+        slide_rows.append({"slide_id": slide, "output": str(path)})
+    write_manifest(tmp_path / "late.tsv", slide_rows, True)
+    specs = configured_embeddings(
+        ["ctranspath", "gigapath_tile"],
+        ["virchow2"],
+        [2],
+        {"gigapath_slide": {}, "late_encoder": {"tile_encoder": "gigapath_tile"}},
+    )
+    build_cohort_embeddings(
+        [{"slide_id": s, "patient": p, "cohort": "C", "stain": st} for s, p, st, _ in SLIDES],
+        [vars(spec) for spec in specs],
+        m["attention"],
+        {"ctranspath": m["ctranspath"], "gigapath_tile": m["gigapath_tile"]},
+        {"virchow2": m["virchow2"]},
+        {"gigapath_slide": m["gigapath_slide"], "late_encoder": [str(tmp_path / "late.tsv")]},
+        {
+            "aggregation": "mean",
+            "slide_encoder_fusion": {"gigapath_slide": "early", "late_encoder": "late"},
+        },
+        str(tmp_path / "slides.h5"),
+        str(tmp_path / "patients.h5"),
+        str(tmp_path / "compute.csv"),
+    )
+    patients, _ = read_h5(tmp_path / "patients.h5")
+    slides, _ = read_h5(tmp_path / "slides.h5")
+    # late: PA's two slides (5 and 3 tiles) count alike, not by their tiles
+    expected = (slide_bags["A1"].astype(np.float64) + slide_bags["A2"]) / 2
+    np.testing.assert_allclose(patients["late_encoder"][0], expected, rtol=1e-5)
+    np.testing.assert_allclose(patients["late_encoder"][1], slide_bags["B1"], rtol=1e-6)
+    np.testing.assert_array_equal(slides["late_encoder"][2], slide_bags["B1"])
+    # early: the patient's bag (per stain), unaffected by the other encoder's bags
+    pb, _ = read_h5(tmp_path / "bags" / "PB.HE.h5")
+    np.testing.assert_array_equal(patients["gigapath_slide"][1], pb["embedding"])
+    assert "gigapath_slide" not in slides

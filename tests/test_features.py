@@ -24,7 +24,8 @@ from eagleflow.embeddings import (
 from eagleflow.encoders import configured_embeddings
 from eagleflow.features import TileGeometry, iter_tile_batches, run_tile_encoder_batch
 from eagleflow.h5io import read_attrs, read_h5, validate_tiles
-from eagleflow.models import load_model, preprocess_tiles
+from eagleflow.models.loading import load_model
+from eagleflow.models.preprocess import preprocess_tiles
 from eagleflow.tiling import TilingParams, iter_tiles, run_tiling, tile_slide
 
 DEMO = {"weights": "demo", "sha256": None, "verify_sha256": True}
@@ -318,7 +319,7 @@ def test_an_ihc_slide_uses_the_ihc_checkpoint_and_h_e_encoders_say_so(
         loaded.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr("eagleflow.models.load_model", recording)
+    monkeypatch.setattr("eagleflow.models.loading.load_model", recording)
     slides = [
         {**s, "stain": stain, "output": str(tmp_path / f"{s['slide_id']}.h5")}
         for s, stain in zip(cohort["slides"][:2], ("HE", "IHC"), strict=True)

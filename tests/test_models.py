@@ -30,25 +30,22 @@ from model_fixtures import (
 from timm.layers import GluMlp
 from torch import nn
 
-from eagleflow.models import (
-    ChiefOutput,
+from eagleflow.models import ctranspath as ctp
+from eagleflow.models import virchow2 as v2
+from eagleflow.models.card import IMAGENET_MEAN, IMAGENET_STD
+from eagleflow.models.checkpoints import demo_seed, random_state_dict
+from eagleflow.models.chief import ChiefOutput
+from eagleflow.models.loading import autocast_context, build_model, identify_checkpoint, load_model
+from eagleflow.models.preprocess import preprocess_tiles
+from eagleflow.models.virchow2 import cls_mean_embedding
+from eagleflow.weights import (
+    REGISTRY,
     WeightsError,
-    autocast_context,
-    build_model,
     check_weights_config,
-    cls_mean_embedding,
-    identify_checkpoint,
-    load_model,
-    preprocess_tiles,
     resolve_weights,
     sha256_file,
     weights_attrs,
 )
-from eagleflow.models import ctranspath as ctp
-from eagleflow.models import virchow2 as v2
-from eagleflow.models.checkpoints import demo_seed, random_state_dict
-from eagleflow.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from eagleflow.weights import REGISTRY
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -530,7 +527,7 @@ def test_preprocess_resizes_with_the_reference_interpolation() -> None:
     assert preprocess_tiles("ctranspath", tiles[0]).shape == (1, 3, 224, 224)
     with pytest.raises(TypeError, match="uint8"):
         preprocess_tiles("virchow2", tiles.astype(np.float32))
-    with pytest.raises(ValueError, match="CHIEF"):
+    with pytest.raises(ValueError, match=r"chief.: it takes tile features"):
         preprocess_tiles("chief", tiles)
 
 

@@ -17,9 +17,10 @@ from test_features import run_stages  # the stage chain of the feature tests, re
 from eagleflow.demo import DemoCohort, make_demo_cohort
 from eagleflow.features import TileGeometry, iter_tile_batches
 from eagleflow.h5io import read_h5
-from eagleflow.models import load_model, preprocess_tiles
 from eagleflow.models.checkpoints import demo_seed, random_state_dict
-from eagleflow.models.gigapath_tile import build_gigapath_tile
+from eagleflow.models.gigapath_tile import build as build_gigapath_tile
+from eagleflow.models.loading import load_model
+from eagleflow.models.preprocess import preprocess_tiles
 from eagleflow.tiling import TilingParams, run_tiling
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -21,9 +21,10 @@ from model_fixtures import (
     sincos_row,
 )
 
-from eagleflow.models import WeightsError, load_model, sha256_file
 from eagleflow.models import gigapath_slide as gs
 from eagleflow.models.checkpoints import load_state_dict_exact
+from eagleflow.models.loading import load_model
+from eagleflow.weights import WeightsError, sha256_file
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -52,7 +53,7 @@ def reduced(
         for k, v in file_sd.items()
         if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < depth
     }
-    model = gs.build_gigapath_slide("meta", depth=depth, **kwargs)
+    model = gs.build("meta", depth=depth, **kwargs)
     load_state_dict_exact(model, sd, "gigapath_slide", None)
     return model.to(dtype).eval(), sd
 

@@ -20,18 +20,12 @@ from model_fixtures import (
 from timm.layers import GluMlp
 from torch import nn
 
-from eagleflow.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    REGISTRY,
-    WeightsError,
-    build_model,
-    load_model,
-    preprocess_tiles,
-    sha256_file,
-)
 from eagleflow.models import gigapath_tile as gt
 from eagleflow.models import pathoduet as pd
+from eagleflow.models.card import IMAGENET_MEAN, IMAGENET_STD
+from eagleflow.models.loading import build_model, load_model
+from eagleflow.models.preprocess import preprocess_tiles
+from eagleflow.weights import REGISTRY, WeightsError, sha256_file
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -100,7 +94,7 @@ def test_gigapath_tile_checkpoint_loads_exactly(gigapath_file) -> None:
 def test_gigapath_tile_forward_on_a_reduced_depth_twin(gigapath_file) -> None:
     """Two blocks with the full model's per-block structure (40 blocks: ~20 s per tile here)."""
     _, file_sd = gigapath_file
-    twin = gt.build_gigapath_tile("meta", depth=2)
+    twin = gt.build("meta", depth=2)
     sd = {
         k: v for k, v in file_sd.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 2
     }

@@ -13,7 +13,8 @@ import pytest
 import torch
 from model_fixtures import fabricate_state_dict, key_spec_or_skip, save_checkpoint
 
-import eagleflow.models
+import eagleflow.models.loading
+from eagleflow.encoders import EncoderConfigError
 from eagleflow.feature_files import write_tile_features
 from eagleflow.h5io import read_attrs, read_h5
 from eagleflow.models import gigapath_slide as gs
@@ -27,7 +28,8 @@ from eagleflow.slide_encoding import (
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 DEMO = {"weights": "demo"}
-PARAMS = {"level": "patient", "layer": 11, "device": "cpu"}
+ENCODER = "gigapath_slide"
+PARAMS = {"fusion": "early", "layer": 11, "device": "cpu"}
 
 
 def grid_subset(columns: int, rows: int, keep: float, seed: int) -> np.ndarray:
@@ -80,7 +82,7 @@ def features_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def demo_model() -> gs.GigaPathSlideEncoder:
-    from eagleflow.models import load_model
+    from eagleflow.models.loading import load_model
 
     return load_model("gigapath_slide", "demo")
 
@@ -93,7 +95,7 @@ def serve(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module, calls: list[s
         calls.append(name)
         return model
 
-    monkeypatch.setattr(eagleflow.models, "load_model", load)
+    monkeypatch.setattr(eagleflow.models.loading, "load_model", load)
 
 
 @pytest.fixture
@@ -107,7 +109,7 @@ def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded although every bag is up to date")
 
-    monkeypatch.setattr(eagleflow.models, "load_model", load)
+    monkeypatch.setattr(eagleflow.models.loading, "load_model", load)
 
 
 def encode(model: gs.GigaPathSlideEncoder, feats, coords, tile_size, layer=11, **kwargs):
@@ -191,7 +193,9 @@ def test_one_slide_bag_is_the_model_on_that_slide_moved_to_the_origin(tmp_path, 
         "slides": [{"slide_id": "s1", "features": str(path)}],
         "output": str(tmp_path / "out" / "s1.h5"),
     }
-    run_slide_encoder_batch([bag], DEMO, {**PARAMS, "level": "slide"}, str(tmp_path / "m.tsv"))
+    run_slide_encoder_batch(
+        [bag], ENCODER, DEMO, {**PARAMS, "fusion": "late"}, str(tmp_path / "m.tsv")
+    )
     data, attrs = read_h5(bag["output"])
     feats, coords = features_of(path)
     # The model itself, given the slide's level-0 coords moved to the origin and its tile size
@@ -208,7 +212,9 @@ def test_one_slide_bag_is_the_model_on_that_slide_moved_to_the_origin(tmp_path, 
     order = np.lexsort((data["positions"][:, 0], data["positions"][:, 1]))
     np.testing.assert_array_equal(order, np.arange(len(order)))
     assert sorted(data["tile_index"]) == list(range(len(feats)))
-    assert attrs["level"] == "slide" and attrs["layer"] == 11 and attrs["n_tiles"] == len(feats)
+    assert (
+        attrs["fusion"] == "late" and attrs["option_layer"] == 11 and attrs["n_tiles"] == len(feats)
+    )
     assert attrs["compute_seconds"] > 0
     assert attrs["tile_forwards"] == 0 and attrs["slide_forwards"] == 1
     assert loads == ["gigapath_slide"]
@@ -245,7 +251,7 @@ def patient_bag(
 
 def test_patient_bag_goes_slide_by_slide_on_one_canvas(tmp_path, loads, demo_model):
     bag = patient_bag(tmp_path, "P1", seed=10)
-    run_slide_encoder_batch([bag], DEMO, PARAMS, str(tmp_path / "m.tsv"))
+    run_slide_encoder_batch([bag], ENCODER, DEMO, PARAMS, str(tmp_path / "m.tsv"))
     data, attrs = read_h5(bag["output"])
     # Written out independently: slides by id, each moved to its origin and sorted row-major,
     # the second placed right of the first after one empty column.
@@ -275,7 +281,7 @@ def test_rerun_skips_and_a_changed_input_recomputes_its_bag_only(
 ):
     bags = [patient_bag(tmp_path, "P1", seed=20), patient_bag(tmp_path, "P2", seed=30)]
     manifest = tmp_path / "m.tsv"
-    run_slide_encoder_batch(bags, DEMO, PARAMS, str(manifest))
+    run_slide_encoder_batch(bags, ENCODER, DEMO, PARAMS, str(manifest))
     assert loads == ["gigapath_slide"]  # one load for the two bags
     first = {b["slide_id"]: Path(b["output"]).read_bytes() for b in bags}
     first_p2 = read_h5(bags[1]["output"])[0]["embedding"]
@@ -283,7 +289,7 @@ def test_rerun_skips_and_a_changed_input_recomputes_its_bag_only(
 
     no_load(monkeypatch)  # and the slides' order in a bag does not change its inputs
     reordered = [{**b, "slides": b["slides"][::-1]} for b in bags]
-    run_slide_encoder_batch(reordered, DEMO, PARAMS, str(manifest))
+    run_slide_encoder_batch(reordered, ENCODER, DEMO, PARAMS, str(manifest))
     assert {b["slide_id"]: Path(b["output"]).read_bytes() for b in bags} == first
     assert manifest.read_bytes() == first_manifest
 
@@ -291,7 +297,7 @@ def test_rerun_skips_and_a_changed_input_recomputes_its_bag_only(
     serve(monkeypatch, demo_model, calls)
     _, coords = features_of(tmp_path / "P2_a.h5")  # same tiles, other features
     write_features(tmp_path / "P2_a.h5", coords, 512, seed=99)
-    run_slide_encoder_batch(bags, DEMO, PARAMS, str(manifest))
+    run_slide_encoder_batch(bags, ENCODER, DEMO, PARAMS, str(manifest))
     assert calls == ["gigapath_slide"]
     assert Path(bags[0]["output"]).read_bytes() == first["P1"]
     assert not np.array_equal(read_h5(bags[1]["output"])[0]["embedding"], first_p2)
@@ -308,11 +314,11 @@ def read_manifest_rows_of(content: bytes) -> dict[str, str]:
 
 def test_another_layer_recomputes_and_takes_that_layer(tmp_path, loads, demo_model):
     bag = patient_bag(tmp_path, "P1", seed=40)
-    run_slide_encoder_batch([bag], DEMO, PARAMS, str(tmp_path / "m.tsv"))
+    run_slide_encoder_batch([bag], ENCODER, DEMO, PARAMS, str(tmp_path / "m.tsv"))
     sha11 = read_attrs(bag["output"])["params_sha256"]
-    run_slide_encoder_batch([bag], DEMO, {**PARAMS, "layer": 5}, str(tmp_path / "m.tsv"))
+    run_slide_encoder_batch([bag], ENCODER, DEMO, {**PARAMS, "layer": 5}, str(tmp_path / "m.tsv"))
     data, attrs = read_h5(bag["output"])
-    assert attrs["layer"] == 5 and attrs["params_sha256"] != sha11 and len(loads) == 2
+    assert attrs["option_layer"] == 5 and attrs["params_sha256"] != sha11 and len(loads) == 2
     feats = np.concatenate(
         [
             features_of(tmp_path / f"P1_{s}.h5")[0][i]
@@ -333,7 +339,7 @@ def test_demo_flags_and_manifest_rows(tmp_path, loads):
         patient_bag(tmp_path, "P1", seed=50, tile_demo=(False, False)),
         patient_bag(tmp_path, "P2", seed=60, tile_demo=(False, True)),
     ]
-    run_slide_encoder_batch(bags, DEMO, PARAMS, str(tmp_path / "m.tsv"))
+    run_slide_encoder_batch(bags, ENCODER, DEMO, PARAMS, str(tmp_path / "m.tsv"))
     p1, p2 = (read_attrs(b["output"]) for b in bags)
     assert p1["gigapath_slide_weights_demo"] == p2["gigapath_slide_weights_demo"] == "true"
     assert p1["gigapath_tile_weights_demo"] == "false" and p1["gigapath_tile_weights_sha256"] == (
@@ -348,7 +354,7 @@ def test_demo_flags_and_manifest_rows(tmp_path, loads):
         ("P2", bags[1]["output"], "demo weights"),
     ]
     assert [r["content_sha256"] for r in rows] == [p1["content_sha256"], p2["content_sha256"]]
-    assert p1["eagleflow_stage"] == "slide_encoder_gigapath" and "params_json" in p1
+    assert p1["eagleflow_stage"] == "slide_encoders_encode_bags" and "params_json" in p1
 
 
 def test_real_weights_say_ok_unless_the_tile_features_are_demo(tmp_path):
@@ -358,13 +364,13 @@ def test_real_weights_say_ok_unless_the_tile_features_are_demo(tmp_path):
     )
     model_cfg = {"weights": str(weights), "verify_sha256": False}
     real = patient_bag(tmp_path, "P1", seed=70, tile_demo=(False, False))
-    run_slide_encoder_batch([real], model_cfg, PARAMS, str(tmp_path / "ok.tsv"))
+    run_slide_encoder_batch([real], ENCODER, model_cfg, PARAMS, str(tmp_path / "ok.tsv"))
     attrs = read_attrs(real["output"])
     assert attrs["gigapath_slide_weights_demo"] == "false"
     assert attrs["gigapath_slide_weights_file"] == "slide_encoder.pth"
     assert [r["status"] for r in read_manifest_rows(tmp_path / "ok.tsv")] == ["ok"]
     mixed = patient_bag(tmp_path, "P2", seed=80, tile_demo=(False, True))
-    run_slide_encoder_batch([real, mixed], model_cfg, PARAMS, str(tmp_path / "mixed.tsv"))
+    run_slide_encoder_batch([real, mixed], ENCODER, model_cfg, PARAMS, str(tmp_path / "mixed.tsv"))
     statuses = [r["status"] for r in read_manifest_rows(tmp_path / "mixed.tsv")]
     assert statuses == ["demo weights", "demo weights"]  # the manifest's flag is per batch
 
@@ -373,12 +379,17 @@ def test_bad_bags_and_params_are_refused_before_the_model_loads(tmp_path, monkey
     no_load(monkeypatch)
     bag = patient_bag(tmp_path, "P1", seed=90)
     with pytest.raises(SlideLayoutError, match="one slide per bag"):
-        run_slide_encoder_batch([bag], DEMO, {**PARAMS, "level": "slide"}, str(tmp_path / "m"))
-    for layer in (13, -1, "11", True):
-        with pytest.raises(SlideLayoutError, match="layer"):
-            run_slide_encoder_batch([bag], DEMO, {**PARAMS, "layer": layer}, str(tmp_path / "m"))
-    with pytest.raises(SlideLayoutError, match="level"):
-        run_slide_encoder_batch([bag], DEMO, {**PARAMS, "level": "cohort"}, str(tmp_path / "m"))
+        run_slide_encoder_batch(
+            [bag], ENCODER, DEMO, {**PARAMS, "fusion": "late"}, str(tmp_path / "m")
+        )
+    with pytest.raises(SlideLayoutError, match="fusion"):
+        run_slide_encoder_batch(
+            [bag], ENCODER, DEMO, {**PARAMS, "fusion": "x"}, str(tmp_path / "m")
+        )
+    with pytest.raises(EncoderConfigError, match="trained on gigapath_tile"):
+        run_slide_encoder_batch(
+            [bag], ENCODER, DEMO, {**PARAMS, "tile_encoder": "virchow2"}, str(tmp_path / "m")
+        )
     # Three slides of 601 x 400 tiles take three shelves, 1202 rows: named, nothing loaded.
     wide = np.array([[0, 0], [600 * 256, 399 * 256]])
     paths = [write_features(tmp_path / f"w{i}.h5", wide, 256, i) for i in range(3)]
@@ -388,8 +399,8 @@ def test_bad_bags_and_params_are_refused_before_the_model_loads(tmp_path, monkey
         "slides": [{"slide_id": f"w{i}", "features": str(p)} for i, p in enumerate(paths)],
         "output": str(tmp_path / "out" / "BIG.h5"),
     }
-    with pytest.raises(SlideLayoutError, match=r"BIG \(slides w0, w1, w2\).*w2 .*level: slide"):
-        run_slide_encoder_batch([big], DEMO, PARAMS, str(tmp_path / "m"))
+    with pytest.raises(SlideLayoutError, match=r"BIG \(slides w0, w1, w2\).*w2 .*fusion: late"):
+        run_slide_encoder_batch([big], ENCODER, DEMO, PARAMS, str(tmp_path / "m"))
     assert not Path(big["output"]).exists() and not (tmp_path / "m").exists()
 
 
@@ -398,18 +409,19 @@ def test_rule_script_passes_the_rule_params_and_the_device(tmp_path, loads):
     rule = SimpleNamespace(
         log=[str(tmp_path / "job.log")],
         params=SimpleNamespace(
-            bags=[bag], model={"weights": "demo"}, slide_encoder={"level": "patient", "layer": 4}
+            bags=[bag], model={"weights": "demo"}, slide_encoder={"fusion": "early", "layer": 4}
         ),
         config={"features": {"device": "cpu"}},
+        wildcards=SimpleNamespace(slide_encoder=ENCODER),
         output=SimpleNamespace(manifest=str(tmp_path / "batch.tsv")),
         threads=1,
     )
     sigterm = signal.getsignal(signal.SIGTERM)  # run_rule installs its own handler
     try:
-        runpy.run_path(str(SCRIPTS_DIR / "slide_encoder_gigapath.py"), {"snakemake": rule})
+        runpy.run_path(str(SCRIPTS_DIR / "slide_encoders_encode_bags.py"), {"snakemake": rule})
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     attrs = read_attrs(bag["output"])
-    assert attrs["layer"] == 4 and attrs["device"] == "cpu" and loads == ["gigapath_slide"]
+    assert attrs["option_layer"] == 4 and attrs["device"] == "cpu" and loads == ["gigapath_slide"]
     assert [r["slide"] for r in read_manifest_rows(tmp_path / "batch.tsv")] == ["P1"]
-    assert "LongNet over" in (tmp_path / "job.log").read_text()
+    assert "gigapath_slide over" in (tmp_path / "job.log").read_text()

@@ -31,7 +31,7 @@ import yaml
 from workflow_helpers import FAST, REPO, SNAKEMAKE, make_demo_workdir
 
 PROFILE = REPO / "profiles" / "slurm"
-GPU_RULES = ("features_encode_tiles", "eagle_embed_topk", "slide_encoder_gigapath")
+GPU_RULES = ("features_encode_tiles", "eagle_embed_topk", "slide_encoders_encode_bags")
 COMPARISON = "config/comparison.yaml"
 PER_SLIDE_RULES = ("tiling_tile_slide",)  # the profile's slurm-array-jobs
 

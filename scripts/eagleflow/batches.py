@@ -66,11 +66,15 @@ def is_up_to_date(
     return True
 
 
-def stage_params_sha256(stage: str, weights_sha256: str, **settings: Any) -> str:
-    """What a stage's per-slide outputs are made with: its code, its weights, its settings."""
+def stage_params_sha256(
+    stage: str, weights_sha256: str, models: tuple[str, ...] = (), **settings: Any
+) -> str:
+    """What a stage's per-slide outputs are made with: its code (with the files of the `models`
+    it runs), its weights, its settings."""
     from eagleflow.provenance import stage_code_digest
 
-    return digest({"code": stage_code_digest(stage), "weights_sha256": weights_sha256, **settings})
+    code = stage_code_digest(stage, tuple(models))
+    return digest({"code": code, "weights_sha256": weights_sha256, **settings})
 
 
 def slides_to_compute(

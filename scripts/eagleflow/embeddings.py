@@ -22,7 +22,7 @@ import pandas as pd
 
 from eagleflow.batches import read_manifest
 from eagleflow.eagle import aggregate, softmax
-from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, SLIDE_ENCODERS, EmbeddingSpec
+from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, EmbeddingSpec
 from eagleflow.feature_files import read_feats_mean
 from eagleflow.h5io import (
     COMPUTE_COLUMNS,
@@ -170,19 +170,25 @@ def weighted_mean(vectors: Sequence[np.ndarray], counts: Sequence[int]) -> np.nd
     return ((weights[:, None] * stacked).sum(0) / weights.sum()).astype(np.float32)
 
 
-def bag_of(record: SlideRecord, level: str) -> str:
-    """The slide-encoder bag of a slide: the slide itself, or its patient's slides of its stain."""
-    return record.slide_id if level == "slide" else f"{record.patient}.{record.stain}"
+def bag_of(record: SlideRecord, fusion: str) -> str:
+    """The slide-encoder bag of a slide: the slide itself (late fusion), or its patient's
+    slides of its stain (early fusion)."""
+    return record.slide_id if fusion == "late" else f"{record.patient}.{record.stain}"
 
 
 def embed_group(
     records: Sequence[SlideRecord],
     spec: EmbeddingSpec,
     aggregation: str,
-    bags: Mapping[str, Mapping[str, Any]],
-    level: str,
+    bags: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    fusion: Mapping[str, str],
 ) -> np.ndarray:
-    """One embedding of a group of slides (a slide, or a patient's slides)."""
+    """One embedding of a group of slides (a slide, or a patient's slides).
+
+    A slide encoder's bags are `bags[encoder]`; with late fusion the group's embedding is the
+    plain mean of its slides' embeddings (Patho-Bench), with early fusion the bag of its
+    patient's slides of one stain (bags of several stains: their tile-weighted mean).
+    """
     if spec.kind == "eagle":
         return eagle_embedding(records, spec.encoder, int(spec.top_k or 0), aggregation)
     if spec.kind == "chief":
@@ -190,10 +196,10 @@ def embed_group(
     if spec.kind == "meanpool":
         means = [r.means[spec.encoder] for r in records]
         return weighted_mean([m for m, _ in means], [n for _, n in means])
-    members = list(dict.fromkeys(bag_of(r, level) for r in records))
-    return weighted_mean(
-        [bags[b]["embedding"] for b in members], [bags[b]["n_tiles"] for b in members]
-    )
+    own, how = bags[spec.encoder], fusion[spec.encoder]
+    members = list(dict.fromkeys(bag_of(r, how) for r in records))
+    weights = [1 if how == "late" else own[b]["n_tiles"] for b in members]
+    return weighted_mean([own[b]["embedding"] for b in members], weights)
 
 
 def stages_of(spec: EmbeddingSpec) -> list[str]:
@@ -205,7 +211,7 @@ def stages_of(spec: EmbeddingSpec) -> list[str]:
         return selection
     if spec.kind == "meanpool":
         return [f"features:{spec.encoder}"]
-    return [f"features:{SLIDE_ENCODERS[spec.encoder].tile_encoder}"]
+    return [f"features:{spec.input_encoder}"]
 
 
 def compute_row(
@@ -263,12 +269,12 @@ def _table(
     groups: Mapping[str, Sequence[SlideRecord]],
     specs: Sequence[EmbeddingSpec],
     aggregation: str,
-    bags: Mapping[str, Mapping[str, Any]],
-    level: str,
+    bags: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    fusion: Mapping[str, str],
 ) -> dict[str, np.ndarray]:
     return {
         spec.name: np.stack(
-            [embed_group(members, spec, aggregation, bags, level) for members in groups.values()]
+            [embed_group(members, spec, aggregation, bags, fusion) for members in groups.values()]
         )
         for spec in specs
     }
@@ -295,10 +301,9 @@ def build_cohort_embeddings(
     specs = [EmbeddingSpec(**e) for e in embeddings]
     aggregation = params["aggregation"]
     records = load_slide_records(slides, attention_manifests, feature_manifests, topk_manifests)
-    level_of = params.get("slide_encoder_levels", {})
+    fusion = params.get("slide_encoder_fusion", {})
     bags = {name: load_bags(m) for name, m in slide_encoder_manifests.items()}
-    all_bags = {b: v for per in bags.values() for b, v in per.items()}
-    level = next(iter(level_of.values()), "patient")
+    all_bags = {(name, b): v for name, per in bags.items() for b, v in per.items()}
     demo = sorted(
         set().union(
             *(r.demo_models() for r in records.values()), *(b["demo"] for b in all_bags.values())
@@ -316,13 +321,13 @@ def build_cohort_embeddings(
     }
     ordered = list(records.values())
     # slide-level table: slide-encoder embeddings only where a bag is one slide
-    slide_specs = [s for s in specs if s.kind != "slide_encoder" or level_of.get(s.name) == "slide"]
+    slide_specs = [s for s in specs if s.kind != "slide_encoder" or fusion.get(s.name) == "late"]
     slide_data: dict[str, np.ndarray] = {
         "slide": np.array([r.slide_id for r in ordered], dtype="S"),
         "patient": np.array([r.patient for r in ordered], dtype="S"),
         "cohort": np.array([r.cohort for r in ordered], dtype="S"),
         "stain": np.array([r.stain for r in ordered], dtype="S"),
-        **_table({r.slide_id: [r] for r in ordered}, slide_specs, aggregation, all_bags, level),
+        **_table({r.slide_id: [r] for r in ordered}, slide_specs, aggregation, bags, fusion),
         "n_tiles": np.array([r.n_tiles for r in ordered], dtype=np.int64),
     }
     write_h5(slides_h5, slide_data, {**common, "level": "slide"})
@@ -337,7 +342,7 @@ def build_cohort_embeddings(
         patient_data: dict[str, np.ndarray] = {
             "patient": np.array(list(groups), dtype="S"),
             "cohort": np.array([cohort_of[p] for p in groups], dtype="S"),
-            **_table(groups, specs, aggregation, all_bags, level),
+            **_table(groups, specs, aggregation, bags, fusion),
             "n_slides": np.array([len(m) for m in groups.values()], dtype=np.int64),
         }
         write_h5(path, patient_data, {**common, "level": "patient", "stain": stain or "all"})

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from eagleflow.errors import EagleflowError
+from eagleflow.models.card import ANY_STAIN
+from eagleflow.models.catalog import (
+    slide_encoder_models,
+    tile_encoder_models,
+    tile_encoder_roles,
+)
 
 STAINS: tuple[str, ...] = ("HE", "IHC")
 DEFAULT_STAIN = "HE"
-ANY_STAIN = "*"
 # EAGLE selects tiles with CHIEF over CTransPath features: that encoder is always configured.
 SELECTION_ENCODER = "ctranspath"
 
@@ -67,44 +72,23 @@ class TileEncoder:
         return list(dict.fromkeys(self.model_for(stain) for stain in stains))
 
 
-TILE_ENCODERS: dict[str, TileEncoder] = {
-    "ctranspath": TileEncoder(
-        "ctranspath",
-        ((ANY_STAIN, "ctranspath"),),
-        768,
-        224,
-        2.0,
-        ("HE",),
-        "EAGLE and STAMP: 224 px at 2 µm/px (448 µm regions) for CHIEF's selection",
-    ),
-    "virchow2": TileEncoder(
-        "virchow2",
-        ((ANY_STAIN, "virchow2"),),
-        1280,
-        224,
-        0.5,
-        ("HE", "IHC"),
-        "Virchow2 model card: 224 px tiles, trained at several magnifications (0.5 µm/px default)",
-    ),
-    "gigapath_tile": TileEncoder(
-        "gigapath_tile",
-        ((ANY_STAIN, "gigapath_tile"),),
-        1536,
-        256,
-        0.5,
-        ("HE", "IHC"),
-        "Prov-GigaPath demo/1_slide_mpp_check.py: 256 px tiles at 0.5 µm/px",
-    ),
-    "pathoduet": TileEncoder(
-        "pathoduet",
-        (("HE", "pathoduet_he"), ("IHC", "pathoduet_ihc")),
-        768,
-        224,
-        0.5,
-        ("HE", "IHC"),
-        "PathoDuet patch benchmark (NCT-CRC-HE): 224 px at 0.5 µm/px; the H&E or IHC checkpoint",
-    ),
-}
+def _tile_encoders() -> dict[str, TileEncoder]:
+    encoders = {}
+    for name, role in tile_encoder_roles().items():
+        encoders[name] = TileEncoder(
+            name,
+            tuple(tile_encoder_models(name).items()),
+            role.dim,
+            role.tile_px,
+            role.tile_mpp,
+            role.trained_stains,
+            role.reference,
+        )
+    return encoders
+
+
+# Every tile encoder a model card declares (eagleflow/models/*.py).
+TILE_ENCODERS: dict[str, TileEncoder] = _tile_encoders()
 
 
 @dataclass(frozen=True)
@@ -113,12 +97,31 @@ class SlideEncoder:
 
     name: str
     model: str
-    tile_encoder: str
+    tile_encoders: tuple[str, ...]  # the tile encoders it was trained on; the first by default
     dim: int
+    embedding: str
+    uses_positions: bool
+    order_dependent: bool
+    grid_limit: int | None
+
+    @property
+    def tile_encoder(self) -> str:
+        return self.tile_encoders[0]
 
 
+# Every slide encoder a model card declares.
 SLIDE_ENCODERS: dict[str, SlideEncoder] = {
-    "gigapath_slide": SlideEncoder("gigapath_slide", "gigapath_slide", "gigapath_tile", 768),
+    name: SlideEncoder(
+        name,
+        model,
+        role.tile_encoders,
+        role.dim,
+        role.embedding,
+        role.uses_positions,
+        role.order_dependent,
+        role.grid_limit,
+    )
+    for name, (model, role) in slide_encoder_models().items()
 }
 
 # The embeddings of the default config (EAGLE, CHIEF, mean-pooled CTransPath).
@@ -135,6 +138,16 @@ class EmbeddingSpec:
     kind: EmbeddingKind
     encoder: str  # tile encoder (eagle: the second stage), or the slide encoder
     top_k: int | None = None
+    tile_encoder: str | None = None  # a slide encoder's input
+
+    @property
+    def input_encoder(self) -> str:
+        """The tile encoder whose features on every tile this embedding reads."""
+        if self.kind in ("eagle", "chief"):
+            return SELECTION_ENCODER
+        if self.kind == "meanpool":
+            return self.encoder
+        return self.tile_encoder or SLIDE_ENCODERS[self.encoder].tile_encoder
 
     @property
     def description(self) -> str:
@@ -144,7 +157,7 @@ class EmbeddingSpec:
             return "CHIEF attention pooling of CTransPath features"
         if self.kind == "meanpool":
             return f"mean of {self.encoder} embeddings of every tile"
-        return f"{self.encoder} over the Prov-GigaPath embeddings of every tile"
+        return f"{self.encoder} over the {self.input_encoder} embeddings of every tile"
 
 
 def as_list(value: Any) -> list[Any]:
@@ -188,7 +201,7 @@ def configured_embeddings(
     tile_encoders: Sequence[str],
     eagle_encoders: Sequence[str],
     top_ks: Sequence[int],
-    slide_encoders: Sequence[str] = (),
+    slide_encoders: Mapping[str, Mapping[str, Any]] | Sequence[str] = (),
 ) -> list[EmbeddingSpec]:
     """Every embedding a config produces, in report order (EAGLE first, its reference first)."""
     specs = [
@@ -198,7 +211,15 @@ def configured_embeddings(
     ]
     specs.append(EmbeddingSpec("chief", "chief", SELECTION_ENCODER))
     specs += [EmbeddingSpec(f"meanpool_{enc}", "meanpool", enc) for enc in tile_encoders]
-    specs += [EmbeddingSpec(name, "slide_encoder", name) for name in slide_encoders]
+    inputs = (
+        {name: s.get("tile_encoder") for name, s in slide_encoders.items()}
+        if isinstance(slide_encoders, Mapping)
+        else dict.fromkeys(slide_encoders)
+    )
+    specs += [
+        EmbeddingSpec(name, "slide_encoder", name, tile_encoder=tile_encoder)
+        for name, tile_encoder in inputs.items()
+    ]
     return specs
 
 
@@ -210,21 +231,63 @@ def check_encoder_config(config: Mapping[str, Any]) -> None:
                 f"eagle.encoder: unknown tile encoder {encoder!r}; known: "
                 f"{', '.join(TILE_ENCODERS)}"
             )
-    for name in config.get("slide_encoders") or {}:
-        if name not in SLIDE_ENCODERS:
-            raise EncoderConfigError(
-                f"slide_encoders: unknown slide encoder {name!r}; known: "
-                f"{', '.join(SLIDE_ENCODERS)}"
-            )
-        needs = SLIDE_ENCODERS[name].tile_encoder
+    for name, settings in (config.get("slide_encoders") or {}).items():
+        needs = slide_encoder_input(name, settings)
         if needs not in config["tile_encoders"]:
             raise EncoderConfigError(
                 f"slide_encoders.{name} runs over {needs} tile embeddings: add `{needs}: {{}}` "
                 "to tile_encoders"
             )
+        if "layer" in (settings or {}) and name != "gigapath_slide":
+            raise EncoderConfigError(
+                f"slide_encoders.{name}.layer: only gigapath_slide has a layer choice"
+            )
     top_ks = as_list(config["eagle"]["top_k"])
     if len(set(top_ks)) != len(top_ks):
         raise EncoderConfigError(f"eagle.top_k: {top_ks} lists a k twice")
+
+
+def slide_encoder_input(name: str, settings: Mapping[str, Any] | None) -> str:
+    """The tile encoder slide encoder `name` runs over: `tile_encoder:` or its card's first."""
+    if name not in SLIDE_ENCODERS:
+        raise EncoderConfigError(
+            f"slide_encoders: unknown slide encoder {name!r}; known: {', '.join(SLIDE_ENCODERS)}"
+        )
+    spec = SLIDE_ENCODERS[name]
+    chosen = (settings or {}).get("tile_encoder", spec.tile_encoder)
+    if chosen not in spec.tile_encoders:
+        raise EncoderConfigError(
+            f"slide_encoders.{name}.tile_encoder: {name} was trained on "
+            f"{', '.join(spec.tile_encoders)} features only, not {chosen!r}: another encoder's "
+            "features (even of the same width) give meaningless embeddings"
+        )
+    if chosen not in TILE_ENCODERS:
+        raise EncoderConfigError(
+            f"slide_encoders.{name}.tile_encoder: {chosen!r} has no model file in this workflow "
+            f"(available: {', '.join(t for t in spec.tile_encoders if t in TILE_ENCODERS)})"
+        )
+    return chosen
+
+
+FUSIONS = ("early", "late")
+
+
+def slide_encoder_settings(section: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """`slide_encoders:` with defaults: fusion early, the card's first tile encoder."""
+    settings = {}
+    for name, given in (section or {}).items():
+        given = dict(given or {})
+        fusion = given.get("fusion", "early")
+        if fusion not in FUSIONS:
+            raise EncoderConfigError(
+                f"slide_encoders.{name}.fusion: one of {', '.join(FUSIONS)}, got {fusion!r}"
+            )
+        settings[name] = {
+            **given,
+            "fusion": fusion,
+            "tile_encoder": slide_encoder_input(name, given),
+        }
+    return settings
 
 
 def required_models(config: Mapping[str, Any], stains: Sequence[str]) -> list[str]:

@@ -156,7 +156,8 @@ def embed_slides(
     Seconds are the model's time (preprocessing, forward, copy back) on that slide's tiles: a
     batch shared by two slides is split by tile count. Reading overlaps and is not counted.
     """
-    from eagleflow.models import autocast_context, preprocess_tiles
+    from eagleflow.models.loading import autocast_context
+    from eagleflow.models.preprocess import preprocess_tiles
 
     pending: dict[int, list[np.ndarray]] = {}
     counts = {i: len(g.coords) for i, g in enumerate(slides)}

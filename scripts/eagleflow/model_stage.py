@@ -55,7 +55,7 @@ class Models:
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.loaded:
-            from eagleflow.models import load_model
+            from eagleflow.models.loading import load_model
 
             # the info is already hashed and checked: the file is not read twice
             self.loaded[name] = load_model(name, self.infos[name], device=self.device)
@@ -122,7 +122,8 @@ def run_model_stage(
     needed = list(dict.fromkeys(model_of(slide) for slide in slides))
     infos = {name: resolve_configured(name, models_cfg[name]) for name in needed}
     params_sha256 = {
-        name: stage_params_sha256(rule, str(infos[name].sha256), **settings) for name in needed
+        name: stage_params_sha256(rule, str(infos[name].sha256), (name,), **settings)
+        for name in needed
     }
     todo = []
     upstream_demo = False
@@ -162,7 +163,7 @@ def run_model_stage(
                     "precision": precision(torch_device),
                     "params_sha256": pending.params_sha256,
                     "input_sha256": str(pending.input_attrs["content_sha256"]),
-                    **provenance_attrs(rule, dict(settings)),
+                    **provenance_attrs(rule, dict(settings), (pending.model,)),
                 },
             )
             log.info("%s: %s -> %s", pending.slide["slide_id"], what, pending.slide["output"])

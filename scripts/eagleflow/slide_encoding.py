@@ -1,17 +1,21 @@
-"""Prov-GigaPath's LongNet slide encoder over a bag of tiles: one slide, or all slides of a patient.
+"""Slide encoders over a bag of tiles: one slide, or all slides of a patient (one stain).
 
-The model places every tile by its cell in a 1000 x 1000 grid (cell = floor(coord / tile size),
-the sin-cos position of that absolute cell): the embedding is not invariant to translation. So
-each slide is measured in tiles (level-0 coords / that slide's level-0 tile size: slides scanned
-at different µm/px share one frame when their tiles cover the same µm) and moved to the origin
-of its own bounding box; a patient's slides are then put side by side on one canvas, left to
-right with a gap of one empty cell, on shelves 1000 cells wide (a shelf starts below the tallest
-slide of the one above, after the same gap). No two tiles share a cell, and a bag that does not
-fit the 1000 x 1000 grid is refused (the reference would alias rows >= 1000 silently).
+One stage for every slide encoder (Prov-GigaPath, TITAN, MADELEINE, PRISM, COBRA): it reads the
+bag's tile features through the features format, lays the tiles out on one canvas of cells, and
+calls the model's `encode_bag(feats, cells, tile_encoder, **options)` (see
+`eagleflow.models.card`). Each slide is measured in tiles (level-0 coords / that slide's
+level-0 tile size, exact integers: slides scanned at different µm/px share one frame when their
+tiles cover the same µm) and moved to the origin of its own bounding box; a patient's slides are
+then put side by side on one canvas, left to right with a gap of one empty cell, on shelves 1000
+cells wide (a shelf starts below the tallest slide of the one above, after the same gap). No two
+tiles share a cell (TITAN's reference would sum them silently), and a model with a bounded grid
+(Prov-GigaPath's 1000 x 1000 positions) refuses a bag that does not fit (its reference would
+alias rows >= 1000 silently).
 
 Tokens go slide by slide (slides sorted by id), each slide row-major (y, then x), as STAMP's
 patient encoder concatenates slides; a canvas-wide row-major order would interleave the rows of
-slides on one shelf, so the dense 1024-token segments would mix slides.
+slides on one shelf. The order matters to the order-dependent models (COBRA's Mamba scan,
+LongNet's segments) and is recorded in every output.
 """
 
 from __future__ import annotations
@@ -26,37 +30,31 @@ import numpy as np
 import torch
 
 from eagleflow.batches import digest
+from eagleflow.encoders import SLIDE_ENCODERS, TILE_ENCODERS, slide_encoder_input
 from eagleflow.errors import EagleflowError
 from eagleflow.feature_files import FEATURES_FORMAT, read_tile_features
 from eagleflow.h5io import FormatError, read_attrs
-from eagleflow.model_stage import Models, Pending, StageOutput, run_model_stage
-from eagleflow.models import gigapath_slide as gs
+from eagleflow.model_stage import Models, Pending, StageOutput, run_model_stage, upstream_weights
 
 log = logging.getLogger(__name__)
 
-STAGE = "slide_encoder_gigapath"
-MODEL = "gigapath_slide"
-TILE_MODEL = "gigapath_tile"
-SLIDE_EMBEDDING_FORMAT = "eagleflow.slide_embedding/1"
+STAGE = "slide_encoders_encode_bags"
+SLIDE_EMBEDDING_FORMAT = "eagleflow.slide_embedding/2"
 SLIDE_EMBEDDING_SHAPES: dict[str, tuple[int | str | None, ...]] = {
-    "embedding": (768,),
+    "embedding": (None,),
     "positions": ("L", 2),
 }
-TILE_DIM = 1536
-GRID_LIMIT = gs.GRID  # slide_ngrids: the model has positions for cells 0..999 on each axis
+SHELF_WIDTH = 1000  # canvas cells per shelf (Prov-GigaPath's grid side)
 SLIDE_GAP = 1  # empty cells between two slides of a bag (and between shelves)
-# The model's own convention: cell = floor(coord / tile_size); with this tile size the canvas
-# cells go in as coords = cell * MODEL_TILE_SIZE.
-MODEL_TILE_SIZE = 256
-N_LAYERS = gs.DEPTH + 1  # pooled outputs: the input embedding and each of the 12 layers
-LEVELS = ("patient", "slide")
+FUSIONS = ("early", "late")
+# Settings the stage reads itself; the others go to the model's encode_bag.
+STAGE_SETTINGS = ("fusion", "tile_encoder", "device")
 LAYOUT = (
     f"slides side by side in tile units (level-0 coords / the slide's level-0 tile size), "
     f"each moved to its own origin, in slide_order, gap {SLIDE_GAP} tile, shelves of "
-    f"{GRID_LIMIT} cells"
+    f"{SHELF_WIDTH} cells"
 )
 TOKEN_ORDER = "slide by slide in slide_order, row-major (y, then x) within a slide"
-TILE_WEIGHT_ATTRS = (f"{TILE_MODEL}_weights_demo", f"{TILE_MODEL}_weights_sha256")
 
 
 class SlideLayoutError(EagleflowError, ValueError):
@@ -65,22 +63,22 @@ class SlideLayoutError(EagleflowError, ValueError):
 
 @dataclass(frozen=True)
 class BagSlide:
-    """One slide's Prov-GigaPath tile features, as the slide encoder needs them."""
+    """One slide's tile features, as a slide encoder needs them."""
 
-    feats: np.ndarray | None  # (N, 1536) float32; None when read without data
+    feats: np.ndarray | None  # (N, D) float32; None when read without data
     coords_level0: np.ndarray | None  # (N, 2) int64 level-0 (x, y) top-left pixels
     tile_size_level0: int
     attrs: dict[str, Any]
 
 
-def read_bag_slide(path: str, with_data: bool = True) -> BagSlide:
-    """A per-slide tile-feature file (eagleflow.feature_files); attributes only if not
-    `with_data` (the up-to-date check reads no patient's features)."""
+def read_bag_slide(path: str, with_data: bool = True, dim: int | None = None) -> BagSlide:
+    """A per-slide tile-feature file (eagleflow.feature_files) with features of width `dim`;
+    attributes only if not `with_data` (the up-to-date check reads no patient's features)."""
     feats = coords = None
     if with_data:
         feats, coords, attrs = read_tile_features(path)
-        if feats.shape[1] != TILE_DIM:
-            raise FormatError(f"{path}: feats must be (N, {TILE_DIM}), got {feats.shape}")
+        if dim is not None and feats.shape[1] != dim:
+            raise FormatError(f"{path}: feats must be (N, {dim}), got {feats.shape}")
     else:
         try:
             attrs = read_attrs(path)
@@ -124,19 +122,23 @@ def slide_cells(coords_level0: np.ndarray, tile_size_level0: int) -> np.ndarray:
 def bag_positions(
     slides: Sequence[tuple[np.ndarray, int]],
     gap: int = SLIDE_GAP,
-    grid_limit: int = GRID_LIMIT,
+    grid_limit: int | None = SHELF_WIDTH,
     *,
     names: Sequence[str] | None = None,
+    shelf_width: int = SHELF_WIDTH,
 ) -> np.ndarray:
     """Grid cells (gx, gy) [L, 2] int64 of a bag's tiles, slide after slide in the given order.
 
     `slides` are (level-0 coords [N, 2], level-0 tile size) pairs. Each slide keeps its own
     tile layout, moved to its bounding box's origin, and is placed by shelf packing: left to
     right with `gap` empty cells between slides, a new shelf (below the tallest slide so far
-    on the current one, after `gap` empty rows) when the next slide would reach gx >= grid_limit.
+    on the current one, after `gap` empty rows) when the next slide would reach gx >= shelf_width.
     Slides without tiles take no space. Raises SlideLayoutError (naming the slide by `names`,
-    else its index) if a cell would reach `grid_limit` on either axis.
+    else its index) if a cell would reach `grid_limit` (the model's grid; None: unbounded) on
+    either axis.
     """
+    if grid_limit is not None:
+        shelf_width = min(shelf_width, grid_limit)
     names = list(names) if names is not None else [f"slide {i}" for i in range(len(slides))]
     placed = []
     x = y = shelf_height = 0
@@ -149,19 +151,19 @@ def bag_positions(
             placed.append(cells)
             continue
         width, height = (int(v) + 1 for v in cells.max(0))
-        if width > grid_limit or height > grid_limit:
+        if grid_limit is not None and (width > grid_limit or height > grid_limit):
             raise SlideLayoutError(
                 f"{name} spans {width} x {height} tiles; the slide encoder's grid is "
                 f"{grid_limit} x {grid_limit} tiles"
             )
-        if x > 0 and x + width > grid_limit:
+        if x > 0 and x + width > shelf_width:
             x, y, shelf_height = 0, y + shelf_height + gap, 0
-        if y + height > grid_limit:
+        if grid_limit is not None and y + height > grid_limit:
             raise SlideLayoutError(
                 f"the bag's slides do not fit the slide encoder's {grid_limit} x {grid_limit} "
                 f"grid of tiles: {name} ({width} x {height} tiles) would reach row "
                 f"{y + height - 1}; encode slides one by one instead "
-                f"(slide_encoders.<name>.level: slide)"
+                f"(slide_encoders.<name>.fusion: late)"
             )
         placed.append(cells + np.array([x, y], dtype=np.int64))
         x += width + gap
@@ -169,7 +171,7 @@ def bag_positions(
     positions = np.concatenate(placed) if placed else np.zeros((0, 2), dtype=np.int64)
     # Distinct slides occupy disjoint boxes, so this cannot fail; it guards the packing itself.
     assert len(np.unique(positions, axis=0)) == len(positions), "two tiles share a cell"
-    assert len(positions) == 0 or positions.max() < grid_limit
+    assert len(positions) == 0 or grid_limit is None or positions.max() < grid_limit
     return positions.astype(np.int64, copy=False)
 
 
@@ -178,17 +180,12 @@ def row_major(cells: np.ndarray) -> np.ndarray:
     return np.lexsort((cells[:, 0], cells[:, 1]))
 
 
-def _check_params(params: Mapping[str, Any]) -> tuple[str, int]:
-    level = str(params.get("level", "patient"))
-    if level not in LEVELS:
-        raise SlideLayoutError(f"slide_encoder.level must be one of {LEVELS}, got {level!r}")
-    layer = params.get("layer", gs.DEFAULT_LAYER)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < N_LAYERS:
-        raise SlideLayoutError(
-            f"slide_encoder.layer must be an integer 0..{N_LAYERS - 1} (0: the input "
-            f"embedding, i: layer i's output; 11 as TRIDENT), got {layer!r}"
-        )
-    return level, layer
+def _check_params(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The fusion, and the model's own options (what is not the stage's)."""
+    fusion = str(params.get("fusion", "early"))
+    if fusion not in FUSIONS:
+        raise SlideLayoutError(f"slide_encoder.fusion must be one of {FUSIONS}, got {fusion!r}")
+    return fusion, {k: v for k, v in params.items() if k not in STAGE_SETTINGS}
 
 
 def _one_value(values: Sequence[Any], what: str, bag: str) -> Any:
@@ -198,27 +195,32 @@ def _one_value(values: Sequence[Any], what: str, bag: str) -> Any:
     return values[0]
 
 
-def _tile_weights(attrs: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> dict[str, str]:
-    """The tile encoder's demo flag and sha256 from the inputs (demo if any input is demo)."""
-    for a, path in zip(attrs, paths, strict=True):
-        missing = [key for key in TILE_WEIGHT_ATTRS if key not in a]
-        if missing:
-            raise FormatError(f"{path}: attribute(s) {', '.join(missing)} missing")
-    demo_key, sha_key = TILE_WEIGHT_ATTRS
+def _tile_weights(attrs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The tile encoders' demo flags and sha256s from the inputs (demo if any input is demo)."""
+    merged: dict[str, set[str]] = {}
+    for a in attrs:
+        for key, value in upstream_weights(a).items():
+            merged.setdefault(key, set()).add(str(value))
     return {
-        demo_key: "true" if any(str(a[demo_key]) == "true" for a in attrs) else "false",
-        sha_key: ",".join(sorted({str(a[sha_key]) for a in attrs})),
+        key: ("true" if "true" in values else "false")
+        if key.endswith("_demo")
+        else ",".join(sorted(values))
+        for key, values in merged.items()
     }
 
 
 def bag_tokens(
-    slides: Sequence[BagSlide], names: Sequence[str] | None = None
+    slides: Sequence[BagSlide],
+    names: Sequence[str] | None = None,
+    grid_limit: int | None = SHELF_WIDTH,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A bag's tiles in token order: (feats [L, 1536], cells [L, 2], row in its slide's file [L]).
+    """A bag's tiles in token order: (feats [L, D], cells [L, 2], row in its slide's file [L]).
 
     Cells from bag_positions (slides in the given order); within a slide, row-major.
     """
-    positions = bag_positions([(s.coords_level0, s.tile_size_level0) for s in slides], names=names)
+    positions = bag_positions(
+        [(s.coords_level0, s.tile_size_level0) for s in slides], names=names, grid_limit=grid_limit
+    )
     feats, cells, rows, start = [], [], [], 0
     for slide in slides:
         own = positions[start : start + len(slide.feats)]
@@ -231,17 +233,22 @@ def bag_tokens(
 
 
 def encode_tokens(
-    model: torch.nn.Module, feats: np.ndarray, cells: np.ndarray, layer: int, device: torch.device
+    model: torch.nn.Module,
+    feats: np.ndarray,
+    cells: np.ndarray,
+    tile_encoder: str,
+    options: Mapping[str, Any],
+    device: torch.device,
 ) -> tuple[np.ndarray, float]:
-    """The pooled output of `layer` for tiles in this order at these cells, and its seconds."""
-    from eagleflow.models import autocast_context
+    """The model's embedding of tiles in this order at these cells, and its seconds."""
+    from eagleflow.models.loading import autocast_context
 
     began = time.perf_counter()
     tokens = torch.from_numpy(feats).to(device)
-    coords = torch.from_numpy(cells * MODEL_TILE_SIZE).to(device)  # floor(coords / 256) = cells
+    positions = torch.from_numpy(cells).to(device)
     with torch.inference_mode(), autocast_context(device):
-        output = model.encode(tokens, coords, MODEL_TILE_SIZE, row_major=False)
-        embedding = output.layers[layer].float().cpu().numpy()  # .cpu() waits for the GPU
+        output = model.encode_bag(tokens, positions, tile_encoder, **options)
+        embedding = output.float().cpu().numpy()  # .cpu() waits for the GPU
     return embedding, time.perf_counter() - began
 
 
@@ -256,45 +263,51 @@ class _BagInputs:
     input_sha256: str
 
 
-def _bag_inputs(bag: Mapping[str, Any], level: str) -> _BagInputs:
+def _bag_inputs(bag: Mapping[str, Any], fusion: str) -> _BagInputs:
     """Check a bag's slide list and read its inputs' attributes (not their data)."""
     bag_id = str(bag["slide_id"])
     members = sorted(bag["slides"], key=lambda s: str(s["slide_id"]))
     slide_ids = [str(s["slide_id"]) for s in members]
     if not members or len(set(slide_ids)) != len(slide_ids):
         raise SlideLayoutError(f"{bag_id}: a bag needs slides with distinct ids, got {slide_ids}")
-    if level == "slide" and len(members) != 1:
-        raise SlideLayoutError(f"{bag_id}: level 'slide' takes one slide per bag, got {slide_ids}")
+    if fusion == "late" and len(members) != 1:
+        raise SlideLayoutError(f"{bag_id}: late fusion takes one slide per bag, got {slide_ids}")
     paths = [str(s["features"]) for s in members]
     attrs = [read_bag_slide(path, with_data=False).attrs for path in paths]
     contents = [(sid, str(a["content_sha256"])) for sid, a in zip(slide_ids, attrs, strict=True)]
-    return _BagInputs(bag_id, slide_ids, paths, _tile_weights(attrs, paths), digest(contents))
+    return _BagInputs(bag_id, slide_ids, paths, _tile_weights(attrs), digest(contents))
 
 
 def run_slide_encoder_batch(
     bags: Sequence[dict[str, Any]],
+    encoder: str,
     model_cfg: dict[str, Any],
     params: dict[str, Any],
     manifest: str,
     threads: int = 1,
 ) -> None:
-    """The `slide_encoder_gigapath` rule: for each bag {slide_id (the bag id), patient,
-    slides: [{slide_id, features}], output}, the LongNet embedding of all its tiles.
+    """The `slide_encoders_encode_bags` rule for slide encoder `encoder`: for each bag
+    {slide_id (the bag id), patient, slides: [{slide_id, features}], output}, the model's
+    embedding of all its tiles.
 
-    params: level ("patient" or "slide", recorded; the rule makes the bags), layer (0..12,
-    default 11: layer 11's pooled output, as TRIDENT) and device.
+    params: fusion ("early": a patient's slides in one bag, or "late": one slide per bag;
+    recorded, the rule makes the bags), tile_encoder (what made the features), device, and the
+    model's own options (gigapath_slide: layer).
     """
-    level, layer = _check_params(params)
+    spec = SLIDE_ENCODERS[encoder]
+    tile_encoder = slide_encoder_input(encoder, params)
+    tile_dim = TILE_ENCODERS[tile_encoder].dim
+    fusion, options = _check_params(params)
     inputs: dict[str, _BagInputs] = {}
 
     def read_input(bag: Mapping[str, Any]) -> dict[str, Any]:
-        inputs[str(bag["slide_id"])] = found = _bag_inputs(bag, level)
+        inputs[str(bag["slide_id"])] = found = _bag_inputs(bag, fusion)
         return {"content_sha256": found.input_sha256, **found.tile_weights}
 
     def compute(todo: list[Pending], models: Models):
         for p in todo:
             bag = inputs[str(p.slide["slide_id"])]
-            slides = [read_bag_slide(path) for path in bag.paths]
+            slides = [read_bag_slide(path, dim=tile_dim) for path in bag.paths]
             if sum(len(s.feats) for s in slides) == 0:
                 raise SlideLayoutError(f"{bag.bag_id}: no tiles in its slides {bag.slide_ids}")
             # Tile units are one frame only if every slide's tiles cover the same µm.
@@ -303,28 +316,28 @@ def run_slide_encoder_batch(
                 for key in ("tile_px", "tile_mpp", "tile_size_um")
             }
             try:
-                feats, positions, tile_index = bag_tokens(slides, bag.slide_ids)
+                feats, positions, tile_index = bag_tokens(slides, bag.slide_ids, spec.grid_limit)
             except SlideLayoutError as err:
                 raise SlideLayoutError(
                     f"{bag.bag_id} (slides {', '.join(bag.slide_ids)}): {err}"
                 ) from err
             embedding, seconds = encode_tokens(
-                models[MODEL], feats, positions, layer, models.device
+                models[spec.model], feats, positions, tile_encoder, options, models.device
             )
             slide_tiles = np.array([len(s.feats) for s in slides], dtype=np.int64)
             attrs = {
                 "format": SLIDE_EMBEDDING_FORMAT,
-                "encoder": MODEL,
+                "encoder": encoder,
+                "tile_encoder": tile_encoder,
+                "embedding_output": spec.embedding,
                 "bag": bag.bag_id,
                 "patient": str(p.slide["patient"]),
-                "level": level,
-                "layer": layer,
-                "pooling": "mean of the tile tokens, then norm (global_pool)",
+                "fusion": fusion,
+                **{f"option_{k}": v for k, v in options.items()},
                 "n_tiles": int(slide_tiles.sum()),
                 "n_slides": len(slides),
                 "layout": LAYOUT,
                 "token_order": TOKEN_ORDER,
-                "model_tile_size": MODEL_TILE_SIZE,
                 **grid,
                 "compute_seconds": seconds,
                 "tile_forwards": 0,
@@ -338,8 +351,9 @@ def run_slide_encoder_batch(
                 "slide_tiles": slide_tiles,
             }
             log.info(
-                "%s: LongNet over %d tiles of %d slide(s) in %.2f s",
+                "%s: %s over %d tiles of %d slide(s) in %.2f s",
                 bag.bag_id,
+                encoder,
                 len(positions),
                 len(slides),
                 seconds,
@@ -351,13 +365,13 @@ def run_slide_encoder_batch(
         bags,
         input_key=None,
         read_input=read_input,
-        model_of=lambda bag: MODEL,
-        models_cfg={MODEL: model_cfg},
-        settings={"level": level, "layer": layer},
+        model_of=lambda bag: spec.model,
+        models_cfg={spec.model: model_cfg},
+        settings={"fusion": fusion, "tile_encoder": tile_encoder, **options},
         output=StageOutput(SLIDE_EMBEDDING_FORMAT, SLIDE_EMBEDDING_SHAPES),
         compute=compute,
         manifest=manifest,
         device=str(params.get("device", "cpu")),
         threads=threads,
-        what="slide embedding",
+        what=f"{encoder} embedding",
     )

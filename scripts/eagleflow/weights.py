@@ -1,5 +1,6 @@
-"""The weight registry: where each model's published file comes from, its sha256, and the checks
-that run at workflow start. Pure Python (no torch), so parsing the Snakefile stays cheap.
+"""The weights a config points at: the checks that run at workflow start, and what every output
+records of them. Where each model's published file comes from is in its card
+(`eagleflow.models.catalog`). Pure Python (no torch), so parsing the Snakefile stays cheap.
 """
 
 from __future__ import annotations
@@ -13,113 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from eagleflow.errors import EagleflowError
+from eagleflow.models.card import WeightFile
+from eagleflow.models.catalog import catalog, model_names
 
 log = logging.getLogger(__name__)
 DEMO = "demo"
-# The models EAGLE runs (a config must set all three) ...
+# The models EAGLE runs (a config must set all three); every other catalogued model is optional.
 EAGLE_MODELS: tuple[str, ...] = ("ctranspath", "chief", "virchow2")
-# ... and every model load_model knows (the others are optional in the config).
-MODEL_NAMES: tuple[str, ...] = (
-    *EAGLE_MODELS,
-    "gigapath_tile",
-    "gigapath_slide",
-    "pathoduet_he",
-    "pathoduet_ihc",
-)
+# Every model load_model knows: the cards of eagleflow/models/*.py.
+MODEL_NAMES: tuple[str, ...] = model_names()
+# Where each model's published file comes from, from its card.
+REGISTRY: dict[str, WeightFile] = {name: card.weights for name, card in catalog().cards.items()}
 
 
 class WeightsError(EagleflowError, ValueError):
     """A weight file is missing, fails its checksum, cannot be read safely or does not fit its model."""
 
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """The published checkpoint of one model: file name, known sha256 and where users get it."""
-
-    name: str
-    file_name: str
-    sha256: str | None  # None: no published hash known, the hash is recorded but not checked
-    source: str
-    container: str
-    state_dict_key: str | None = None  # the top-level key holding the state dict, if any
-
-
-REGISTRY: dict[str, PublishedWeights] = {
-    "ctranspath": PublishedWeights(
-        name="ctranspath",
-        file_name="ctranspath.pth",
-        sha256="7c998680060c8743551a412583fac689db43cec07053b72dfec6dcd810113539",
-        source=(
-            "the TransPath README (github.com/Xiyue-Wang/TransPath): Google Drive file id "
-            "1DoDx_70_TLj98gTf6YTXnu4tFhsFocDX "
-            "(https://drive.google.com/file/d/1DoDx_70_TLj98gTf6YTXnu4tFhsFocDX)"
-        ),
-        container="timm 0.5.4 Swin state dict under the top-level key 'model'",
-        state_dict_key="model",
-    ),
-    "chief": PublishedWeights(
-        name="chief",
-        file_name="CHIEF_pretraining.pth",
-        sha256="6a46d200b32a65e5ce4774611b889b5f1bbf7a39f9111321a2a1b5dbdb9996b8",
-        source=(
-            "the CHIEF README (github.com/hms-dbmi/CHIEF): the model-weights download "
-            "(access on request), file CHIEF_pretraining.pth"
-        ),
-        container="bare state dict (21 keys; organ_embedding is dropped before loading)",
-    ),
-    "virchow2": PublishedWeights(
-        name="virchow2",
-        file_name="pytorch_model.bin",
-        sha256=None,
-        source=(
-            "Hugging Face paige-ai/Virchow2 (gated: log in and accept the terms), file "
-            "pytorch_model.bin, or any file holding the timm state dict saved with "
-            "torch.save(model.state_dict(), path)"
-        ),
-        container="bare timm state dict (455 keys)",
-    ),
-    "gigapath_tile": PublishedWeights(
-        name="gigapath_tile",
-        file_name="pytorch_model.bin",
-        sha256=None,
-        source=(
-            "Hugging Face prov-gigapath/prov-gigapath (gated: log in and accept the terms), file "
-            "pytorch_model.bin (the tile encoder)"
-        ),
-        container="bare timm state dict (566 keys)",
-    ),
-    "gigapath_slide": PublishedWeights(
-        name="gigapath_slide",
-        file_name="slide_encoder.pth",
-        sha256=None,
-        source=(
-            "Hugging Face prov-gigapath/prov-gigapath (gated: log in and accept the terms), file "
-            "slide_encoder.pth (the LongNet slide encoder)"
-        ),
-        container="LongNetViT state dict under the top-level key 'model' (247 keys)",
-        state_dict_key="model",
-    ),
-    "pathoduet_he": PublishedWeights(
-        name="pathoduet_he",
-        file_name="checkpoint_HE.pth",
-        sha256=None,
-        source=(
-            "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder it "
-            "links, file checkpoint_HE.pth"
-        ),
-        container="bare state dict (151 keys, no head)",
-    ),
-    "pathoduet_ihc": PublishedWeights(
-        name="pathoduet_ihc",
-        file_name="checkpoint_IHC.pth",
-        sha256=None,
-        source=(
-            "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder it "
-            "links, file checkpoint_IHC.pth"
-        ),
-        container="bare state dict (151 keys, no head)",
-    ),
-}
 
 # Files that are often mistaken for a registered one; named in the checksum error.
 KNOWN_OTHER_FILES: dict[str, str] = {
@@ -142,7 +52,7 @@ class WeightsInfo:
     verified: bool = False  # sha256 compared with a known value and equal
 
 
-def published(name: str) -> PublishedWeights:
+def published(name: str) -> WeightFile:
     """The registry entry of `name`, or a WeightsError listing the known models."""
     try:
         return REGISTRY[name]

@@ -33,14 +33,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from eagleflow.models import (  # noqa: E402
-    MODEL_NAMES,
-    REGISTRY,
-    build_model,
-    load_model,
-    sha256_file,
-)
 from eagleflow.models.checkpoints import demo_seed, random_state_dict  # noqa: E402
+from eagleflow.models.loading import build_model, load_model  # noqa: E402
+from eagleflow.weights import MODEL_NAMES, REGISTRY, sha256_file  # noqa: E402
 
 TILE = 256
 

@@ -14,7 +14,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from eagleflow.models.card import ModelCard, WeightFile
 from eagleflow.models.checkpoints import random_state_dict, require_tensor_dict
+
+CARD = ModelCard(
+    name="chief",
+    summary="CHIEF (Wang et al. 2024): gated attention MIL over CTransPath features; EAGLE's tile ranking",
+    weights=WeightFile(
+        file_name="CHIEF_pretraining.pth",
+        sha256="6a46d200b32a65e5ce4774611b889b5f1bbf7a39f9111321a2a1b5dbdb9996b8",
+        source=(
+            "the CHIEF README (github.com/hms-dbmi/CHIEF): the model-weights download "
+            "(access on request), file CHIEF_pretraining.pth"
+        ),
+        container="bare state dict (21 keys; organ_embedding is dropped before loading)",
+    ),
+)
 
 IN_DIM = 768
 HIDDEN_DIM = 512
@@ -101,7 +116,7 @@ class Chief(nn.Module):
         return ChiefOutput(attention_raw, attention, attention @ features)
 
 
-def build_chief(device: torch.device | str | None = None) -> Chief:
+def build(device: torch.device | str | None = None) -> Chief:
     """The CHIEF aggregator, created on `device` (meta: no memory, no init; then load weights)."""
     with torch.device(device) if device is not None else nullcontext():
         return Chief()

@@ -16,7 +16,35 @@ from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from eagleflow.models.card import ImagePreprocess, ModelCard, TileEncoderRole, WeightFile
 from eagleflow.models.checkpoints import unwrap_state_dict
+
+CARD = ModelCard(
+    name="ctranspath",
+    summary="CTransPath (Wang et al. 2022): Swin-T with a convolutional stem; EAGLE's selection features",
+    weights=WeightFile(
+        file_name="ctranspath.pth",
+        sha256="7c998680060c8743551a412583fac689db43cec07053b72dfec6dcd810113539",
+        source=(
+            "the TransPath README (github.com/Xiyue-Wang/TransPath): Google Drive file id "
+            "1DoDx_70_TLj98gTf6YTXnu4tFhsFocDX "
+            "(https://drive.google.com/file/d/1DoDx_70_TLj98gTf6YTXnu4tFhsFocDX)"
+        ),
+        container="timm 0.5.4 Swin state dict under the top-level key 'model'",
+        state_dict_key="model",
+    ),
+    role=TileEncoderRole(
+        encoder="ctranspath",
+        dim=768,
+        tile_px=224,
+        tile_mpp=2.0,
+        trained_stains=("HE",),
+        reference="EAGLE and STAMP: 224 px at 2 µm/px (448 µm regions) for CHIEF's selection",
+        # TransPath / CHIEF: Resize(224) (bilinear) + ImageNet Normalize; STAMP adds CenterCrop.
+        preprocess=ImagePreprocess(resize=224, crop=224, interpolation="bilinear"),
+    ),
+    on_meta=False,  # the Swin constructor computes its attention masks
+)
 
 EMBED_DIM = 768
 INPUT_SIZE = 224
@@ -81,7 +109,7 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-def build_ctranspath(device: torch.device | str | None = None) -> SwinTransformer:
+def build(device: torch.device | str | None = None) -> SwinTransformer:
     """Swin-T/4 window 7 with ConvStem, no head: normalized [B,3,224,224] -> pooled [B,768].
 
     Built on a real device, not meta: the Swin attention masks and relative-position indices are

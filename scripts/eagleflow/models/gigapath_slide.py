@@ -37,7 +37,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eagleflow.models.card import ModelCard, SlideEncoderRole, WeightFile
 from eagleflow.models.checkpoints import unwrap_state_dict
+
+CARD = ModelCard(
+    name="gigapath_slide",
+    summary="Prov-GigaPath slide encoder (Xu et al. 2024): LongNet, 12 layers, 768-d",
+    weights=WeightFile(
+        file_name="slide_encoder.pth",
+        source=(
+            "Hugging Face prov-gigapath/prov-gigapath (gated: log in and accept the terms), file "
+            "slide_encoder.pth (the LongNet slide encoder)"
+        ),
+        container="LongNetViT state dict under the top-level key 'model' (247 keys)",
+        state_dict_key="model",
+    ),
+    role=SlideEncoderRole(
+        encoder="gigapath_slide",
+        tile_encoders=("gigapath_tile",),
+        dim=768,
+        embedding="mean of the tile tokens of layer 11 (of 12), then `norm` (TRIDENT's choice)",
+        uses_positions=True,
+        order_dependent=True,  # dilated attention segments follow token order
+        grid_limit=1000,  # slide_ngrids: positions exist for a 1000 x 1000 grid of tiles
+    ),
+)
 
 IN_DIM = 1536
 EMBED_DIM = 768
@@ -60,6 +84,7 @@ DEFAULT_LAYER = 11
 # fp16 0.0023, measured with CPU autocast; on CUDA the same code runs the fused
 # memory-efficient kernel (not measured here: no GPU). fp32 vs fp64: 8e-7 at 10,000 tiles.
 BF16_TOLERANCE = 0.05
+CELL_SIZE = 256  # any tile size works: encode_bag passes cells as multiples of it
 CONTAINER_KEY = "model"
 SIGNATURE_KEYS = ("encoder.layers.0.self_attn.inner_attn_ln.weight", "patch_embed.proj.weight")
 
@@ -406,6 +431,26 @@ class GigaPathSlideEncoder(nn.Module):
             pooled.append(self.pool(x))
         return SlideEncoderOutput(torch.stack(pooled), self.pool(self.encoder.layer_norm(x)))
 
+    def encode_bag(
+        self,
+        feats: torch.Tensor,
+        cells: torch.Tensor,
+        tile_encoder: str,
+        layer: int = DEFAULT_LAYER,
+    ) -> torch.Tensor:
+        """The slide-encoder interface: tiles at canvas cells, in the given order -> [768], the
+        pooled output of `layer` (0: the input embedding, i: layer i's output)."""
+        if tile_encoder != "gigapath_tile":
+            raise ValueError(f"gigapath_slide runs over gigapath_tile features, not {tile_encoder}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= DEPTH:
+            raise ValueError(
+                f"slide_encoders.gigapath_slide.layer must be an integer 0..{DEPTH} (0: the input "
+                f"embedding, i: layer i's output; 11 as TRIDENT), got {layer!r}"
+            )
+        # cell = floor(coord / tile size): cells * CELL_SIZE at tile size CELL_SIZE are exact
+        coords = cells.to(torch.int64) * CELL_SIZE
+        return self.encode(feats, coords, CELL_SIZE, row_major=False).layers[layer]
+
     def forward(
         self,
         tile_embeddings: torch.Tensor,
@@ -417,9 +462,7 @@ class GigaPathSlideEncoder(nn.Module):
         return self.encode(tile_embeddings, coords, tile_size, row_major).default
 
 
-def build_gigapath_slide(
-    device: torch.device | str | None = None, **overrides: Any
-) -> GigaPathSlideEncoder:
+def build(device: torch.device | str | None = None, **overrides: Any) -> GigaPathSlideEncoder:
     """The slide encoder on `device` (meta: no memory, no init; then load with assign=True)."""
     with torch.device(device) if device is not None else nullcontext():
         return GigaPathSlideEncoder(**overrides)

@@ -18,7 +18,31 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from eagleflow.models.card import ImagePreprocess, ModelCard, TileEncoderRole, WeightFile
 from eagleflow.models.checkpoints import require_tensor_dict
+
+CARD = ModelCard(
+    name="gigapath_tile",
+    summary="Prov-GigaPath tile encoder (Xu et al. 2024): ViT-g/16 with SwiGLU, class token",
+    weights=WeightFile(
+        file_name="pytorch_model.bin",
+        source=(
+            "Hugging Face prov-gigapath/prov-gigapath (gated: log in and accept the terms), file "
+            "pytorch_model.bin (the tile encoder)"
+        ),
+        container="bare timm state dict (566 keys)",
+    ),
+    role=TileEncoderRole(
+        encoder="gigapath_tile",
+        dim=1536,
+        tile_px=256,
+        tile_mpp=0.5,
+        trained_stains=("HE", "IHC"),
+        reference="Prov-GigaPath demo/1_slide_mpp_check.py: 256 px tiles at 0.5 µm/px",
+        # demo/3_load_tile_encoder.py: Resize(256, bicubic) + CenterCrop(224) + ImageNet.
+        preprocess=ImagePreprocess(resize=256, crop=224, interpolation="bicubic"),
+    ),
+)
 
 TIMM_ARCH = "vit_giant_patch14_dinov2"
 # The entrypoint's own arguments (what timm.create_model adds to the hub's kwargs) ...
@@ -52,7 +76,7 @@ class GigaPathTile(VisionTransformer):
         super().__init__(**{**ENTRYPOINT_KWARGS, **MODEL_KWARGS, **overrides})
 
 
-def build_gigapath_tile(device: torch.device | str | None = None, **overrides: Any) -> GigaPathTile:
+def build(device: torch.device | str | None = None, **overrides: Any) -> GigaPathTile:
     """The tile encoder on `device`; build on meta and load with assign=True (4.5 GB in fp32)."""
     # weight_init='skip': every parameter is overwritten by the strict load that follows.
     with torch.device(device) if device is not None else nullcontext():

@@ -19,7 +19,76 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from eagleflow.models.card import (
+    NO_NORMALISATION_MEAN,
+    NO_NORMALISATION_STD,
+    ImagePreprocess,
+    ModelCard,
+    TileEncoderRole,
+    WeightFile,
+)
 from eagleflow.models.checkpoints import require_tensor_dict
+
+# One architecture, two published files: the H&E model and the IHC model.
+CARDS = (
+    ModelCard(
+        name="pathoduet_he",
+        summary="PathoDuet (Hua et al. 2024) H&E model: ViT-B/16 with a pretext token",
+        weights=WeightFile(
+            file_name="checkpoint_HE.pth",
+            source=(
+                "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder "
+                "it links, file checkpoint_HE.pth"
+            ),
+            container="bare state dict (151 keys, no head)",
+        ),
+        role=TileEncoderRole(
+            encoder="pathoduet",
+            dim=768,
+            tile_px=224,
+            tile_mpp=0.5,
+            trained_stains=("HE", "IHC"),
+            reference="PathoDuet patch benchmark (NCT-CRC-HE): 224 px at 0.5 µm/px",
+            # Resize(256) (bilinear) + CenterCrop(224) + ToTensor, no normalisation.
+            preprocess=ImagePreprocess(
+                resize=256,
+                crop=224,
+                interpolation="bilinear",
+                mean=NO_NORMALISATION_MEAN,
+                std=NO_NORMALISATION_STD,
+            ),
+            stain="HE",
+        ),
+    ),
+    ModelCard(
+        name="pathoduet_ihc",
+        summary="PathoDuet (Hua et al. 2024) IHC model: ViT-B/16 with a pretext token",
+        weights=WeightFile(
+            file_name="checkpoint_IHC.pth",
+            source=(
+                "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder "
+                "it links, file checkpoint_IHC.pth"
+            ),
+            container="bare state dict (151 keys, no head)",
+        ),
+        role=TileEncoderRole(
+            encoder="pathoduet",
+            dim=768,
+            tile_px=224,
+            tile_mpp=0.5,
+            trained_stains=("HE", "IHC"),
+            reference="PathoDuet patch benchmark (NCT-CRC-HE): 224 px at 0.5 µm/px",
+            preprocess=ImagePreprocess(
+                resize=256,
+                crop=224,
+                interpolation="bilinear",
+                mean=NO_NORMALISATION_MEAN,
+                std=NO_NORMALISATION_STD,
+            ),
+            stain="IHC",
+        ),
+    ),
+)
 
 EMBED_DIM = 768
 NUM_PREFIX_TOKENS = 2  # pretext, cls
@@ -64,7 +133,7 @@ class PathoDuet(VisionTransformer):
         return self.forward_features(x)
 
 
-def build_pathoduet(device: torch.device | str | None = None) -> PathoDuet:
+def build(device: torch.device | str | None = None) -> PathoDuet:
     """PathoDuet on `device` (meta: no memory, no init; then load with assign=True)."""
     with torch.device(device) if device is not None else nullcontext():
         return PathoDuet(weight_init="skip")

@@ -1,67 +1,35 @@
 """Tile preprocessing per model: uint8 RGB tiles -> the normalized float tensor the model expects.
 
-Mean/std are hard-coded: a timm model built from a bare architecture name carries ImageNet-augreg
-defaults (0.5/0.5), not the values these models were trained with.
+Each tile encoder's card states its resize, crop, interpolation and mean/std: a timm model built
+from a bare architecture name carries ImageNet-augreg defaults (0.5/0.5), not the values these
+models were trained with.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NO_NORMALISATION_MEAN = (0.0, 0.0, 0.0)
-NO_NORMALISATION_STD = (1.0, 1.0, 1.0)
+from eagleflow.models.card import ImagePreprocess
+from eagleflow.models.catalog import catalog
 
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Resize the shorter side to `resize` (if needed), center-crop `crop`, normalize."""
-
-    resize: int
-    crop: int
-    interpolation: InterpolationMode
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
-PREPROCESS: dict[str, PreprocessSpec] = {
-    # TransPath / CHIEF: Resize(224) (bilinear) + ImageNet Normalize; STAMP adds CenterCrop(224).
-    "ctranspath": PreprocessSpec(resize=224, crop=224, interpolation=InterpolationMode.BILINEAR),
-    # Virchow2's pretrained_cfg: Resize(224, bicubic) + CenterCrop(224) + ImageNet Normalize.
-    "virchow2": PreprocessSpec(resize=224, crop=224, interpolation=InterpolationMode.BICUBIC),
-    # Prov-GigaPath (demo/3_load_tile_encoder.py, README): Resize(256, bicubic) + CenterCrop(224)
-    # + ImageNet Normalize, for 256 px tiles at 0.5 µm/px.
-    "gigapath_tile": PreprocessSpec(resize=256, crop=224, interpolation=InterpolationMode.BICUBIC),
-    # PathoDuet's evaluation transform: Resize(256) (bilinear) + CenterCrop(224) + ToTensor, and
-    # no normalisation ("we do not use a normalize function"): RGB in [0, 1].
-    **{
-        name: PreprocessSpec(
-            resize=256,
-            crop=224,
-            interpolation=InterpolationMode.BILINEAR,
-            mean=NO_NORMALISATION_MEAN,
-            std=NO_NORMALISATION_STD,
-        )
-        for name in ("pathoduet_he", "pathoduet_ihc")
-    },
+INTERPOLATION = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
 }
 
 
-def preprocess_spec(name: str) -> PreprocessSpec:
-    """The preprocessing of an image model; CHIEF and the GigaPath slide encoder take features."""
-    try:
-        return PREPROCESS[name]
-    except KeyError:
+def preprocess_spec(name: str) -> ImagePreprocess:
+    """The preprocessing of image model `name`, from its card."""
+    card = catalog().card(name)
+    if card.tile_role is None:
         raise ValueError(
-            f"no image preprocessing for {name!r} (image models: {', '.join(PREPROCESS)}); "
-            "CHIEF and gigapath_slide take tile features, not images"
-        ) from None
+            f"no image preprocessing for {name!r}: it takes tile features, not images "
+            f"(image models: {', '.join(n for n, c in catalog().cards.items() if c.tile_role)})"
+        )
+    return card.tile_role.preprocess
 
 
 def as_uint8_nchw(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -92,7 +60,9 @@ def preprocess_tiles(
     if device is not None:
         x = x.to(device, non_blocking=True)  # move uint8, 4x less traffic than float
     if min(x.shape[-2:]) != spec.resize:
-        x = TF.resize(x, [spec.resize], interpolation=spec.interpolation, antialias=True)
+        x = TF.resize(
+            x, [spec.resize], interpolation=INTERPOLATION[spec.interpolation], antialias=True
+        )
     if tuple(x.shape[-2:]) != (spec.crop, spec.crop):
         x = TF.center_crop(x, [spec.crop, spec.crop])
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)

@@ -16,7 +16,32 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from eagleflow.models.card import ImagePreprocess, ModelCard, TileEncoderRole, WeightFile
 from eagleflow.models.checkpoints import require_tensor_dict
+
+CARD = ModelCard(
+    name="virchow2",
+    summary="Virchow2 (Paige, Zimmermann et al. 2024): ViT-H/14 with 4 registers; EAGLE's second stage",
+    weights=WeightFile(
+        file_name="pytorch_model.bin",
+        source=(
+            "Hugging Face paige-ai/Virchow2 (gated: log in and accept the terms), file "
+            "pytorch_model.bin, or any file holding the timm state dict saved with "
+            "torch.save(model.state_dict(), path)"
+        ),
+        container="bare timm state dict (455 keys)",
+    ),
+    role=TileEncoderRole(
+        encoder="virchow2",
+        dim=1280,
+        tile_px=224,
+        tile_mpp=0.5,
+        trained_stains=("HE", "IHC"),
+        reference="Virchow2 model card: 224 px tiles, trained at several magnifications (0.5 µm/px default)",
+        # pretrained_cfg: Resize(224, bicubic) + CenterCrop(224) + ImageNet Normalize.
+        preprocess=ImagePreprocess(resize=224, crop=224, interpolation="bicubic"),
+    ),
+)
 
 TIMM_ARCH = "vit_huge_patch14_224"
 ARCH_KWARGS: dict[str, Any] = {"patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16}
@@ -66,7 +91,7 @@ def cls_mean_embedding(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[:, 0], tokens[:, NUM_PREFIX_TOKENS:].mean(dim=1)], dim=-1)
 
 
-def build_virchow2(device: torch.device | str | None = None) -> Virchow2:
+def build(device: torch.device | str | None = None) -> Virchow2:
     """Virchow2 on `device`; build on meta and load weights with assign=True for a fast start."""
     # weight_init='skip': every parameter is overwritten by the strict load that follows.
     with torch.device(device) if device is not None else nullcontext():

@@ -1,5 +1,5 @@
-"""Rule slide_encoder_gigapath: bags of slides (patients or slides) -> LongNet embedding H5 per bag
-+ manifest."""
+"""Rule slide_encoders_encode_bags: bags of slides (patients or slides) -> one slide encoder's
+embedding H5 per bag + manifest."""
 
 from eagleflow.logutil import run_rule
 from eagleflow.slide_encoding import run_slide_encoder_batch
@@ -8,6 +8,7 @@ run_rule(
     snakemake.log[0],
     run_slide_encoder_batch,
     bags=snakemake.params.bags,
+    encoder=snakemake.wildcards.slide_encoder,
     model_cfg=dict(snakemake.params.model),
     params={**snakemake.params.slide_encoder, "device": snakemake.config["features"]["device"]},
     manifest=snakemake.output.manifest,
