@@ -233,6 +233,10 @@ EDITS = {
     "attention.py": expected(batches=2, from_stage="attention_chief", thumbnails=2),
     # the models package that every model stage imports (a hand list had missed it)
     "models/__init__.py": expected(batches=2, from_stage="features_encode_tiles", thumbnails=2),
+    # one model's file: the stages that run that model and below, not CTransPath or CHIEF
+    "models/virchow2.py": expected(batches=2, from_stage="eagle_embed_topk", thumbnails=2),
+    # a model this config does not run: nothing
+    "models/gigapath_slide.py": {},
     # a module only the retrieval figure runs
     "retrieval.py": {"evaluation_retrieval": 1},
     # the demo generator is no stage's code
