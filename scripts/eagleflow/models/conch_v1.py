@@ -8,12 +8,13 @@ patch 16, a class token, LayerNorm eps 1e-6, `dynamic_img_size=True`) whose forw
 `attn_pool_contrast` (1 learned query of 512, `nn.MultiheadAttention(512, 8, kdim=vdim=768)` over
 ALL tokens, the class token included, with LayerNorms `ln_q` on the query and `ln_k` on the tokens,
 eps 1e-5) followed by `ln_contrast`, and `attn_pool_caption` (256 queries of 768, for the caption
-decoder only). 90,392,832 parameters (all kept, so the vision tower loads strict).
+decoder only). 90,392,832 parameters at 448, 89,941,248 at 224 (all kept, so the vision
+tower loads strict).
 
 Exact forward of the embedding (`encode_image(x, proj_contrast=False, normalize=False)` ->
 `VisualModel.forward_no_head`): tokens = trunk(x) [B, 197, 768]; pooled =
 ln_contrast(attn_pool_contrast(tokens)[:, 0]) -> [B, 512]. That 512-d vector is the attentional
-pooler's output BEFORE `proj_contrast`, not L2-normalised: what MADELEINE was trained on, and what
+pooler's output after `ln_contrast`, BEFORE `proj_contrast`, not L2-normalised: what MADELEINE was trained on, and what
 TRIDENT (`with_proj=False, normalize=False`) and STAMP take. The zero-shot (image-text) embedding
 is `zero_shot_embedding`: `@ proj_contrast`, then L2 normalisation; it is not what users of the
 slide encoders take.
@@ -43,6 +44,9 @@ size other than the model's makes timm resample the table on every call with bic
 which differs from the load-time bilinear resample (both as in the original).
 
 Patient level: CONCH v1 is a tile encoder; MADELEINE (STAMP) concatenates a patient's tiles.
+
+Checked against the original classes (CONCH @ 141cc09, run with timm 1.0.31) on random weights:
+bit-identical in fp32 and fp64, at 224 (load-time resample), at 448 and at a 256 px input.
 
 Precision: TRIDENT and MADELEINE extract in fp32. BF16_TOLERANCE is what the tests hold CPU bf16
 autocast to on a small twin (max |bf16 - fp32| over max |fp32|).
