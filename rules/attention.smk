@@ -1,12 +1,17 @@
+# CHIEF over CTransPath's features, once per CTransPath grid (`chief`, `chief@0.5mpp`, ...).
 rule attention_chief:
     input:
-        features=f"results/features/{SELECTION_ENCODER}/batches/{{batch}}.tsv",
+        features=lambda wildcards: "results/features/{selection}/batches/{batch}.tsv".format(
+            batch=wildcards.batch, **selection_fields(instance_suffix(wildcards.chief))
+        ),
     output:
-        manifest="results/attention/chief/batches/{batch}.tsv",
+        manifest="results/attention/{chief}/batches/{batch}.tsv",
     log:
-        "logs/attention/chief/{batch}.log",
+        "logs/attention/{chief}/{batch}.log",
     benchmark:
-        "benchmarks/attention/chief/{batch}.tsv"
+        "benchmarks/attention/{chief}/{batch}.tsv"
+    wildcard_constraints:
+        chief=alternatives(CHIEF_NAMES),
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -16,8 +21,8 @@ rule attention_chief:
     params:
         code=stage_code_digest("attention_chief", ("chief",)),
         slides=batch_params(
-            features=f"results/features/{SELECTION_ENCODER}/{{slide}}.h5",
-            output="results/attention/chief/{slide}.h5",
+            features="results/features/{selection}/{slide}.h5",
+            output="results/attention/{chief}/{slide}.h5",
         ),
         model=config["models"]["chief"],
     script:

@@ -30,7 +30,7 @@ from eagleflow.encoders import (  # noqa: E402
     configured_embeddings,
     required_models,
     slide_encoder_settings,
-    tile_encoder_grids,
+    tile_encoder_instances,
 )
 from eagleflow.tasks import validate_tasks  # noqa: E402
 from eagleflow.provenance import stage_code_digest  # noqa: E402
@@ -67,17 +67,36 @@ STAINS = sheet_stains(SLIDES)
 # Encoders: which run on every tile (each at its grid), which embed EAGLE's top-k, which encode
 # bags of tile embeddings; and the embeddings they make, in report order.
 check_encoder_config(config)
-ENCODER_GRIDS = tile_encoder_grids(config["tile_encoders"])
+# A tile encoder at each of its grids is an instance: `ctranspath` (its first grid) or
+# `ctranspath@0.5mpp`; CHIEF, EAGLE and the slide encoders run once per instance they read.
+TILE_INSTANCES = tile_encoder_instances(config["tile_encoders"])
+ENCODER_GRIDS = {name: instance.grid for name, instance in TILE_INSTANCES.items()}
 SELECTION_GRID = ENCODER_GRIDS[SELECTION_ENCODER]
 # The selection grid first, the others sorted: reordering the config replans no tiling.
 GRIDS = [SELECTION_GRID] + sorted(set(ENCODER_GRIDS.values()) - {SELECTION_GRID})
 GRID_NAMES = [grid.name for grid in GRIDS]
-TILE_ENCODER_NAMES = list(config["tile_encoders"])
+TILE_ENCODER_NAMES = list(TILE_INSTANCES)
+SELECTION_SUFFIXES = [
+    instance.suffix
+    for instance in TILE_INSTANCES.values()
+    if instance.encoder == SELECTION_ENCODER
+]
+CHIEF_NAMES = ["chief" + suffix for suffix in SELECTION_SUFFIXES]
 EAGLE_ENCODERS = as_list(config["eagle"]["encoder"])
+EAGLE_INSTANCES = [
+    encoder + suffix for suffix in SELECTION_SUFFIXES for encoder in EAGLE_ENCODERS
+]
 TOP_KS = [int(k) for k in as_list(config["eagle"]["top_k"])]
 SLIDE_ENCODER_CONFIG = slide_encoder_settings(config.get("slide_encoders"))
+# slide encoder instance -> the tile-encoder instance it reads
+SLIDE_ENCODER_INSTANCES = {
+    name + instance.suffix: instance.name
+    for name, settings in SLIDE_ENCODER_CONFIG.items()
+    for instance in TILE_INSTANCES.values()
+    if instance.encoder == settings["tile_encoder"]
+}
 EMBEDDINGS = configured_embeddings(
-    TILE_ENCODER_NAMES, EAGLE_ENCODERS, TOP_KS, SLIDE_ENCODER_CONFIG
+    TILE_INSTANCES, EAGLE_ENCODERS, TOP_KS, SLIDE_ENCODER_CONFIG
 )
 EMBEDDING_NAMES = [spec.name for spec in EMBEDDINGS]
 for section in ("umap", "retrieval"):
@@ -174,16 +193,41 @@ def batch_inputs(pattern, **fixed):
     return inputs
 
 
+def base_name(instance):
+    """`virchow2@0.5mpp` -> `virchow2`: the encoder (or model) of an instance."""
+    return instance.split("@", 1)[0]
+
+
+def instance_suffix(instance):
+    """`virchow2@0.5mpp` -> `@0.5mpp`; "" for an encoder's first grid."""
+    return instance[len(base_name(instance)) :]
+
+
+def selection_fields(suffix):
+    """The selection instance of a grid suffix: its features, CHIEF and tiles folders."""
+    selection = SELECTION_ENCODER + suffix
+    return {
+        "selection": selection,
+        "chief": "chief" + suffix,
+        "selection_grid": ENCODER_GRIDS[selection].name,
+    }
+
+
 def batch_params(**patterns):
     """Params function: per slide of the batch its id, slide path, stain and the given paths.
 
-    Patterns may use {slide}, the job's wildcards ({encoder}) and {grid} (the encoder's grid).
+    Patterns may use {slide}, the job's wildcards ({encoder}, {chief}), {grid} (a tile-encoder
+    instance's grid) and {selection}, {chief}, {selection_grid} (the CTransPath instance, CHIEF
+    instance and tiles folder of the job's grid).
     """
 
     def params(wildcards):
         fields = dict(wildcards.items())
         if fields.get("encoder") in ENCODER_GRIDS:
             fields["grid"] = encoder_grid(wildcards)
+        own = fields.get("chief", fields.get("encoder", ""))
+        if own and ("chief" in fields or own in EAGLE_INSTANCES):
+            fields.update(selection_fields(instance_suffix(own)))
         return [
             {
                 "slide_id": slide,
@@ -206,10 +250,10 @@ def encoder_grid(wildcards):
 
 
 def encoder_models(encoder):
-    """The `models:` settings of an encoder's models for the sheet's stains."""
+    """The `models:` settings of an encoder's (or instance's) models for the sheet's stains."""
     return {
         name: config["models"][name]
-        for name in TILE_ENCODERS[encoder].models_for(STAINS)
+        for name in TILE_ENCODERS[base_name(encoder)].models_for(STAINS)
     }
 
 
@@ -222,15 +266,10 @@ def model_stage_code(stage):
     (adding or editing another model's file replans nothing here)."""
 
     def code(wildcards):
-        models = TILE_ENCODERS[wildcards.encoder].models_for(STAINS)
+        models = TILE_ENCODERS[base_name(wildcards.encoder)].models_for(STAINS)
         return stage_code_digest(stage, tuple(models))
 
     return code
-
-
-def tiling_grids():
-    """The grids every slide is tiled at, as plain data (a change replans tiling)."""
-    return [{"tile_px": grid.tile_px, "tile_mpp": grid.tile_mpp} for grid in GRIDS]
 
 
 def eagle_params():
@@ -247,7 +286,7 @@ def eagle_params():
 def patient_bags(name):
     """Slide-encoder bags: per patient and stain (early fusion: one pass over its slides), or
     per slide (late fusion: the patient's embedding is the mean of its slides')."""
-    fusion = SLIDE_ENCODER_CONFIG[name]["fusion"]
+    fusion = SLIDE_ENCODER_CONFIG[base_name(name)]["fusion"]
     bags = {}
     for slide in sorted(SLIDES.index):
         bag = (
@@ -259,7 +298,7 @@ def patient_bags(name):
     return bags
 
 
-SLIDE_ENCODER_BAGS = {name: patient_bags(name) for name in SLIDE_ENCODER_CONFIG}
+SLIDE_ENCODER_BAGS = {name: patient_bags(name) for name in SLIDE_ENCODER_INSTANCES}
 SLIDE_ENCODER_BATCHES = {
     name: assign_batches(bags, N_BATCHES) for name, bags in SLIDE_ENCODER_BAGS.items()
 }
@@ -268,7 +307,7 @@ SLIDE_ENCODER_BATCHES = {
 def slide_encoder_bags(wildcards):
     """Params function: the bags of the job's batch, each with its slides' feature files."""
     name = wildcards.slide_encoder
-    tile_encoder = SLIDE_ENCODER_CONFIG[name]["tile_encoder"]
+    tile_encoder = SLIDE_ENCODER_INSTANCES[name]
     bags = SLIDE_ENCODER_BAGS[name]
     return [
         {
@@ -287,19 +326,29 @@ def slide_encoder_bags(wildcards):
     ]
 
 
+def slide_encoder_settings_of(wildcards):
+    """The job's slide-encoder settings (its instance's tile encoder included)."""
+    name = wildcards.slide_encoder
+    return {
+        **SLIDE_ENCODER_CONFIG[base_name(name)],
+        "tile_encoder": base_name(SLIDE_ENCODER_INSTANCES[name]),
+    }
+
+
 def slide_encoder_model_settings(wildcards):
     """The `models:` settings of the job's slide encoder."""
-    return config["models"].get(SLIDE_ENCODERS[wildcards.slide_encoder].model, {})
+    model = SLIDE_ENCODERS[base_name(wildcards.slide_encoder)].model
+    return config["models"].get(model, {})
 
 
 def slide_encoder_code(wildcards):
     """The slide-encoder stage's code digest with its model's file."""
-    model = SLIDE_ENCODERS[wildcards.slide_encoder].model
+    model = SLIDE_ENCODERS[base_name(wildcards.slide_encoder)].model
     return stage_code_digest("slide_encoders_encode_bags", (model,))
 
 
 def slide_encoder_inputs(wildcards):
-    tile_encoder = SLIDE_ENCODER_CONFIG[wildcards.slide_encoder]["tile_encoder"]
+    tile_encoder = SLIDE_ENCODER_INSTANCES[wildcards.slide_encoder]
     return expand(
         "results/features/{encoder}/batches/{batch}.tsv",
         encoder=tile_encoder,
@@ -330,6 +379,7 @@ def embedding_specs():
             "encoder": spec.encoder,
             "top_k": spec.top_k,
             "tile_encoder": spec.tile_encoder,
+            "grid": spec.grid,
         }
         for spec in EMBEDDINGS
     ]

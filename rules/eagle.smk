@@ -4,7 +4,10 @@ rule eagle_embed_topk:
     input:
         # The batch's tiles are upstream of this manifest (tiles -> features -> attention), so
         # they are not listed again: each listing costs one DAG lookup per slide.
-        attention="results/attention/chief/batches/{batch}.tsv",
+        attention=lambda wildcards: "results/attention/{chief}/batches/{batch}.tsv".format(
+            batch=wildcards.batch,
+            **selection_fields(instance_suffix(wildcards.encoder)),
+        ),
     output:
         manifest="results/eagle/{encoder}/batches/{batch}.tsv",
     log:
@@ -12,7 +15,7 @@ rule eagle_embed_topk:
     benchmark:
         "benchmarks/eagle/{encoder}/{batch}.tsv"
     wildcard_constraints:
-        encoder=alternatives(EAGLE_ENCODERS),
+        encoder=alternatives(EAGLE_INSTANCES),
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -22,8 +25,8 @@ rule eagle_embed_topk:
     params:
         code=model_stage_code("eagle_embed_topk"),
         slides=batch_params(
-            tiles=f"results/tiles/{SELECTION_GRID.name}/{{slide}}.h5",
-            attention="results/attention/chief/{slide}.h5",
+            tiles="results/tiles/{selection_grid}/{slide}.h5",
+            attention="results/attention/{chief}/{slide}.h5",
             output="results/eagle/{encoder}/{slide}.h5",
         ),
         models=tile_encoder_models,

@@ -1,6 +1,10 @@
 rule embeddings_collect:
     input:
-        attention=expand("results/attention/chief/batches/{batch}.tsv", batch=BATCHES),
+        attention=expand(
+            "results/attention/{chief}/batches/{batch}.tsv",
+            chief=CHIEF_NAMES,
+            batch=BATCHES,
+        ),
         features=expand(
             "results/features/{encoder}/batches/{batch}.tsv",
             encoder=TILE_ENCODER_NAMES,
@@ -8,12 +12,12 @@ rule embeddings_collect:
         ),
         topk=expand(
             "results/eagle/{encoder}/batches/{batch}.tsv",
-            encoder=EAGLE_ENCODERS,
+            encoder=EAGLE_INSTANCES,
             batch=BATCHES,
         ),
         slide_encoders=[
             f"results/slide_encoders/{name}/batches/{batch}.tsv"
-            for name in SLIDE_ENCODER_CONFIG
+            for name in SLIDE_ENCODER_INSTANCES
             for batch in SLIDE_ENCODER_BATCHES[name]
         ],
     output:
@@ -39,8 +43,8 @@ rule embeddings_collect:
         eagle={
             "aggregation": config["eagle"]["aggregation"],
             "slide_encoder_fusion": {
-                name: settings["fusion"]
-                for name, settings in SLIDE_ENCODER_CONFIG.items()
+                name: SLIDE_ENCODER_CONFIG[base_name(name)]["fusion"]
+                for name in SLIDE_ENCODER_INSTANCES
             },
         },
     script:

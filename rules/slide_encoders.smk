@@ -11,7 +11,7 @@ rule slide_encoders_encode_bags:
     benchmark:
         "benchmarks/slide_encoders/{slide_encoder}/{batch}.tsv"
     wildcard_constraints:
-        slide_encoder=alternatives(SLIDE_ENCODER_CONFIG),
+        slide_encoder=alternatives(SLIDE_ENCODER_INSTANCES),
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -22,6 +22,6 @@ rule slide_encoders_encode_bags:
         code=slide_encoder_code,
         bags=slide_encoder_bags,
         model=slide_encoder_model_settings,
-        slide_encoder=lambda wildcards: SLIDE_ENCODER_CONFIG[wildcards.slide_encoder],
+        slide_encoder=slide_encoder_settings_of,
     script:
         "../scripts/slide_encoders_encode_bags.py"

@@ -3,7 +3,8 @@
 # (common.smk slide_location) and its content fingerprint as a tracked one: a slide replaced or
 # rewritten is tiled again, a moved one is not.
 # One job per slide writes every grid from one tissue mask: encoders sharing a grid share its
-# tiles file, and the DAG has one tiling job per slide however many grids there are.
+# tiles file, and the DAG has one tiling job per slide however many grids there are. The grids
+# are the output folders (224px_2mpp), not a param: removing a grid from the config plans nothing.
 rule tiling_tile_slide:
     output:
         tiles=expand("results/tiles/{grid}/{{slide}}.h5", grid=GRID_NAMES),
@@ -27,7 +28,6 @@ rule tiling_tile_slide:
         code=stage_code_digest("tiling_tile_slide"),
         # mpp_range only decides which slides are refused: read by the script, so it reruns nothing
         tiling={k: v for k, v in config["tiling"].items() if k != "mpp_range"},
-        grids=tiling_grids(),
         sheet_mpp=sheet_mpp_param(),
         slide=slide_location,
         slide_content=slide_content,

@@ -7,7 +7,7 @@ from eagleflow.logutil import run_rule
 run_rule(
     snakemake.log[0],
     run_topk_batch,
-    encoder=snakemake.wildcards.encoder,
+    encoder=snakemake.wildcards.encoder.split("@", 1)[0],  # virchow2@0.5mpp -> virchow2
     slides=snakemake.params.slides,
     models_cfg=dict(snakemake.params.models),
     # top_k and the orientation come through params (they change the result); device, batch

@@ -17,7 +17,7 @@ run_rule(
     build_cohort_embeddings,
     slides=snakemake.params.slides,
     embeddings=snakemake.params.embeddings,
-    attention_manifests=list(snakemake.input.attention),
+    attention_manifests=by_folder(list(snakemake.input.attention), 2),
     feature_manifests=by_folder(list(snakemake.input.features), 2),
     topk_manifests=by_folder(list(snakemake.input.topk), 2),
     slide_encoder_manifests=by_folder(list(snakemake.input.slide_encoders), 2),

@@ -3,7 +3,7 @@
 from eagleflow.features import run_tile_encoder_batch, runtime_settings
 from eagleflow.logutil import run_rule
 
-encoder = snakemake.wildcards.encoder
+encoder = snakemake.wildcards.encoder.split("@", 1)[0]  # ctranspath@0.5mpp -> ctranspath
 settings = snakemake.config["tile_encoders"][encoder] or {}
 run_rule(
     snakemake.log[0],

@@ -8,7 +8,7 @@ run_rule(
     snakemake.log[0],
     run_slide_encoder_batch,
     bags=snakemake.params.bags,
-    encoder=snakemake.wildcards.slide_encoder,
+    encoder=snakemake.wildcards.slide_encoder.split("@", 1)[0],  # titan@0.5mpp -> titan
     model_cfg=dict(snakemake.params.model),
     params={**snakemake.params.slide_encoder, "device": snakemake.config["features"]["device"]},
     manifest=snakemake.output.manifest,

@@ -1,7 +1,12 @@
 """Rule tiling_tile_slide: slide -> one tiles H5 per grid (from one tissue mask) + QC thumbnail."""
 
+from pathlib import Path
+
+from eagleflow.encoders import Grid
 from eagleflow.logutil import run_rule
 from eagleflow.tiling import run_tiling
+
+tiles = list(snakemake.output.tiles)
 
 run_rule(
     snakemake.log[0],
@@ -9,9 +14,10 @@ run_rule(
     slide_path=str(snakemake.params.slide),
     slide_id=snakemake.wildcards.slide,
     params={**snakemake.params.tiling, "mpp_range": snakemake.config["tiling"]["mpp_range"]},
-    grids=list(snakemake.params.grids),
+    # results/tiles/224px_2mpp/<slide>.h5 -> 224 px at 2 µm/px
+    grids=[vars(Grid.from_name(Path(path).parent.name)) for path in tiles],
     sheet_mpp=snakemake.params.sheet_mpp,
-    tiles_h5=list(snakemake.output.tiles),
+    tiles_h5=tiles,
     qc_png=snakemake.output.qc,
     threads=snakemake.threads,
 )

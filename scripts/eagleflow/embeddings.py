@@ -22,7 +22,7 @@ import pandas as pd
 
 from eagleflow.batches import read_manifest
 from eagleflow.eagle import aggregate, softmax
-from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, EmbeddingSpec
+from eagleflow.encoders import DEFAULT_STAIN, EmbeddingSpec
 from eagleflow.feature_files import read_feats_mean
 from eagleflow.h5io import (
     COMPUTE_COLUMNS,
@@ -44,9 +44,9 @@ class SlideRecord:
     patient: str
     cohort: str
     stain: str
-    chief: np.ndarray | None = None
-    logsumexp: float = 0.0
-    n_tiles: int = 0  # tiles of the selection grid (CTransPath, CHIEF, EAGLE)
+    chief: dict[str, np.ndarray] = field(default_factory=dict)  # CHIEF instance -> embedding
+    logsumexp: dict[str, float] = field(default_factory=dict)  # CHIEF instance -> its attention's
+    n_tiles: int = 0  # tiles of the first selection grid (CTransPath, CHIEF, EAGLE)
     means: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # encoder -> (mean, n)
     topk: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> datasets
     cost: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (forwards, s)
@@ -83,12 +83,18 @@ def _merge_manifests(manifests: Sequence[str]) -> dict[str, str]:
 
 def load_slide_records(
     slides: Sequence[Mapping[str, str]],
-    attention: Sequence[str],
+    attention: Mapping[str, Sequence[str]] | Sequence[str],
     features: Mapping[str, Sequence[str]],
     topk: Mapping[str, Sequence[str]],
 ) -> dict[str, SlideRecord]:
-    """Read every slide's per-slide files (only the small datasets of the feature files)."""
-    attention_files = _merge_manifests(attention)
+    """Read every slide's per-slide files (only the small datasets of the feature files).
+
+    `attention`: CHIEF instance (`chief`, `chief@0.5mpp`) -> its manifests; a plain list is
+    `chief`'s.
+    """
+    if not isinstance(attention, Mapping):
+        attention = {"chief": attention}
+    attention_files = {name: _merge_manifests(m) for name, m in attention.items()}
     feature_files = {enc: _merge_manifests(m) for enc, m in features.items()}
     topk_files = {enc: _merge_manifests(m) for enc, m in topk.items()}
     records = {}
@@ -97,12 +103,14 @@ def load_slide_records(
         record = SlideRecord(
             sid, slide["patient"], slide["cohort"], slide.get("stain", DEFAULT_STAIN)
         )
-        data, attrs = read_h5(attention_files[sid])
-        record.chief = data["chief_embedding"]
-        record.logsumexp = float(attrs["attention_logsumexp"])
-        record.n_tiles = int(attrs["n_tiles"])
-        record.cost["chief"] = (0.0, float(attrs.get("compute_seconds", 0.0)))
-        record.demo["chief"] = demo_models(attrs)
+        for name, files in attention_files.items():
+            data, attrs = read_h5(files[sid])
+            record.chief[name] = data["chief_embedding"]
+            record.logsumexp[name] = float(attrs["attention_logsumexp"])
+            if name == "chief" or not record.n_tiles:
+                record.n_tiles = int(attrs["n_tiles"])
+            record.cost[name] = (0.0, float(attrs.get("compute_seconds", 0.0)))
+            record.demo[name] = demo_models(attrs)
         for encoder, files in feature_files.items():
             mean, n, attrs = read_feats_mean(files[sid])
             record.means[encoder] = (mean, n)
@@ -157,10 +165,10 @@ def eagle_embedding(
     return mean if aggregation == "mean" else weighted
 
 
-def chief_embedding(records: Sequence[SlideRecord]) -> np.ndarray:
+def chief_embedding(records: Sequence[SlideRecord], key: str = "chief") -> np.ndarray:
     """CHIEF's pooling over all tiles of the records: each slide weighted by its softmax mass."""
-    weight = softmax(np.array([r.logsumexp for r in records]))
-    stacked = np.stack([r.chief for r in records]).astype(np.float64)
+    weight = softmax(np.array([r.logsumexp[key] for r in records]))
+    stacked = np.stack([r.chief[key] for r in records]).astype(np.float64)
     return (weight[:, None] * stacked).sum(0).astype(np.float32)
 
 
@@ -190,13 +198,13 @@ def embed_group(
     patient's slides of one stain (bags of several stains: their tile-weighted mean).
     """
     if spec.kind == "eagle":
-        return eagle_embedding(records, spec.encoder, int(spec.top_k or 0), aggregation)
+        return eagle_embedding(records, spec.stage_key, int(spec.top_k or 0), aggregation)
     if spec.kind == "chief":
-        return chief_embedding(records)
+        return chief_embedding(records, spec.attention_key)
     if spec.kind == "meanpool":
-        means = [r.means[spec.encoder] for r in records]
+        means = [r.means[spec.features_key] for r in records]
         return weighted_mean([m for m, _ in means], [n for _, n in means])
-    own, how = bags[spec.encoder], fusion[spec.encoder]
+    own, how = bags[spec.stage_key], fusion[spec.stage_key]
     members = list(dict.fromkeys(bag_of(r, how) for r in records))
     weights = [1 if how == "late" else own[b]["n_tiles"] for b in members]
     return weighted_mean([own[b]["embedding"] for b in members], weights)
@@ -204,14 +212,12 @@ def embed_group(
 
 def stages_of(spec: EmbeddingSpec) -> list[str]:
     """The per-slide stages an embedding needs (keys of SlideRecord.cost)."""
-    selection = [f"features:{SELECTION_ENCODER}", "chief"]
+    selection = [f"features:{spec.features_key}", spec.attention_key]
     if spec.kind == "eagle":
-        return [*selection, f"topk:{spec.encoder}"]
+        return [*selection, f"topk:{spec.stage_key}"]
     if spec.kind == "chief":
         return selection
-    if spec.kind == "meanpool":
-        return [f"features:{spec.encoder}"]
-    return [f"features:{spec.input_encoder}"]
+    return [f"features:{spec.features_key}"]
 
 
 def compute_row(
@@ -239,7 +245,7 @@ def compute_row(
         for stage in stages_of(spec):
             f, s = r.cost[stage]
             if stage.startswith("topk:"):
-                used = min(int(spec.top_k or 0), len(r.topk[spec.encoder]["tile_index"]))
+                used = min(int(spec.top_k or 0), len(r.topk[spec.stage_key]["tile_index"]))
                 f, s = used, s * used / f if f else 0.0
             forwards, seconds = forwards + f, seconds + s
             demo |= r.demo[stage]
@@ -283,7 +289,7 @@ def _table(
 def build_cohort_embeddings(
     slides: Sequence[dict[str, str]],
     embeddings: Sequence[Mapping[str, Any]],
-    attention_manifests: Sequence[str],
+    attention_manifests: Mapping[str, Sequence[str]] | Sequence[str],
     feature_manifests: Mapping[str, Sequence[str]],
     topk_manifests: Mapping[str, Sequence[str]],
     slide_encoder_manifests: Mapping[str, Sequence[str]],
@@ -347,7 +353,7 @@ def build_cohort_embeddings(
         }
         write_h5(path, patient_data, {**common, "level": "patient", "stain": stain or "all"})
     compute = pd.DataFrame(
-        [compute_row(spec, ordered, bags.get(spec.name, {})) for spec in specs],
+        [compute_row(spec, ordered, bags.get(spec.stage_key, {})) for spec in specs],
         columns=COMPUTE_COLUMNS,
     )
     write_csv(compute, compute_csv)

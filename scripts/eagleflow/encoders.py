@@ -7,6 +7,7 @@ with the same grid share one tiles file. The embeddings are what the heads compa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,6 +41,14 @@ class Grid:
     def name(self) -> str:
         """The grid's folder name, e.g. 224px_2mpp or 256px_0.5mpp."""
         return f"{self.tile_px}px_{self.tile_mpp:g}mpp"
+
+    @classmethod
+    def from_name(cls, name: str) -> Grid:
+        """The grid a folder name says (`224px_2mpp` -> Grid(224, 2.0))."""
+        found = re.fullmatch(r"(\d+)px_(\d+(?:\.\d+)?(?:e-?\d+)?)mpp", name)
+        if found is None:
+            raise ValueError(f"{name!r} is not a grid name like 224px_2mpp")
+        return cls(int(found.group(1)), float(found.group(2)))
 
     @property
     def tile_size_um(self) -> float:
@@ -139,6 +148,27 @@ class EmbeddingSpec:
     encoder: str  # tile encoder (eagle: the second stage), or the slide encoder
     top_k: int | None = None
     tile_encoder: str | None = None  # a slide encoder's input
+    grid: str = ""  # the grid suffix of its tile encoder's instance ("" for the first grid)
+
+    @property
+    def base(self) -> str:
+        """The name without the grid suffix."""
+        return self.name.removesuffix(self.grid)
+
+    @property
+    def features_key(self) -> str:
+        """The tile-encoder instance whose features on every tile it reads."""
+        return self.input_encoder + self.grid
+
+    @property
+    def attention_key(self) -> str:
+        """The CHIEF instance EAGLE and CHIEF read (`chief`, or `chief@0.5mpp`)."""
+        return "chief" + self.grid
+
+    @property
+    def stage_key(self) -> str:
+        """Its own stage's instance: EAGLE's second stage, or the slide encoder."""
+        return self.encoder + self.grid
 
     @property
     def input_encoder(self) -> str:
@@ -164,8 +194,68 @@ def as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def tile_encoder_grids(tile_encoders: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Grid]:
-    """Encoder -> its grid (the reference tiling unless the config overrides px or µm/px)."""
+# Grid presets. paper: the EAGLE paper's comparison, every encoder on 224 px tiles at 2, 1.14
+# and 0.5 µm/px (2 µm/px first: EAGLE's own grid, the unsuffixed names); native: the grid of the
+# encoder's card (its authors' setting).
+PAPER_GRIDS: tuple[Grid, ...] = (Grid(224, 2.0), Grid(224, 1.14), Grid(224, 0.5))
+PRESETS = ("paper", "native")
+
+
+@dataclass(frozen=True)
+class TileInstance:
+    """A tile encoder at one grid: `name` is the encoder for its first grid, else the encoder
+    and the grid's suffix (`ctranspath@0.5mpp`); every file and embedding made from it carries it."""
+
+    name: str
+    encoder: str
+    grid: Grid
+    suffix: str
+
+
+def grid_suffix(grid: Grid, grids: Sequence[Grid]) -> str:
+    """`@<mpp>mpp`, or `@<px>px_<mpp>mpp` where the encoder has two grids at that µm/px."""
+    same_mpp = [g for g in grids if g.tile_mpp == grid.tile_mpp]
+    return f"@{grid.tile_mpp:g}mpp" if len(same_mpp) == 1 else f"@{grid.name}"
+
+
+def encoder_grids(name: str, settings: Mapping[str, Any] | None) -> list[Grid]:
+    """The grids of one `tile_encoders:` entry, in the order given (the first is its own)."""
+    spec, settings = TILE_ENCODERS[name], dict(settings or {})
+    if "grids" not in settings:
+        return [
+            Grid(
+                int(settings.get("tile_px", spec.tile_px)),
+                float(settings.get("tile_mpp", spec.tile_mpp)),
+            )
+        ]
+    # With grids, tile_px/tile_mpp (say from the base config under an overlay) only fill in
+    # what a {tile_px, tile_mpp} entry leaves out.
+    default_px = int(settings.get("tile_px", spec.tile_px))
+    default_mpp = float(settings.get("tile_mpp", spec.tile_mpp))
+    grids: list[Grid] = []
+    for entry in as_list(settings["grids"]):
+        if entry == "paper":
+            grids += PAPER_GRIDS
+        elif entry == "native":
+            grids.append(spec.default_grid)
+        elif isinstance(entry, Mapping):
+            grids.append(
+                Grid(
+                    int(entry.get("tile_px", default_px)), float(entry.get("tile_mpp", default_mpp))
+                )
+            )
+        else:
+            raise EncoderConfigError(
+                f"tile_encoders.{name}.grids: {entry!r} is not {' or '.join(PRESETS)} or a "
+                "{tile_px, tile_mpp} mapping"
+            )
+    return list(dict.fromkeys(grids))
+
+
+def tile_encoder_instances(
+    tile_encoders: Mapping[str, Mapping[str, Any] | None],
+) -> dict[str, TileInstance]:
+    """Every tile encoder at each of its grids, in config order (each encoder's grids in order)."""
     unknown = sorted(set(tile_encoders) - set(TILE_ENCODERS))
     if unknown:
         raise EncoderConfigError(
@@ -177,14 +267,18 @@ def tile_encoder_grids(tile_encoders: Mapping[str, Mapping[str, Any] | None]) ->
             f"tile_encoders: {SELECTION_ENCODER} must be configured: EAGLE and CHIEF select "
             f"tiles over its features (add `{SELECTION_ENCODER}: {{}}`)"
         )
-    grids = {}
+    instances = {}
     for name, settings in tile_encoders.items():
-        spec, settings = TILE_ENCODERS[name], settings or {}
-        grids[name] = Grid(
-            int(settings.get("tile_px", spec.tile_px)),
-            float(settings.get("tile_mpp", spec.tile_mpp)),
-        )
-    return grids
+        grids = encoder_grids(name, settings)
+        for i, grid in enumerate(grids):
+            suffix = "" if i == 0 else grid_suffix(grid, grids)
+            instances[name + suffix] = TileInstance(name + suffix, name, grid, suffix)
+    return instances
+
+
+def tile_encoder_grids(tile_encoders: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Grid]:
+    """Tile-encoder instance -> its grid (the card's reference unless the config says other)."""
+    return {name: inst.grid for name, inst in tile_encoder_instances(tile_encoders).items()}
 
 
 def eagle_embedding_name(encoder: str, k: int, encoders: Sequence[str], ks: Sequence[int]) -> str:
@@ -198,28 +292,56 @@ def eagle_embedding_name(encoder: str, k: int, encoders: Sequence[str], ks: Sequ
 
 
 def configured_embeddings(
-    tile_encoders: Sequence[str],
+    tile_encoders: Sequence[str] | Mapping[str, TileInstance],
     eagle_encoders: Sequence[str],
     top_ks: Sequence[int],
     slide_encoders: Mapping[str, Mapping[str, Any]] | Sequence[str] = (),
 ) -> list[EmbeddingSpec]:
-    """Every embedding a config produces, in report order (EAGLE first, its reference first)."""
-    specs = [
-        EmbeddingSpec(eagle_embedding_name(enc, k, eagle_encoders, top_ks), "eagle", enc, k)
-        for enc in eagle_encoders
-        for k in top_ks
-    ]
-    specs.append(EmbeddingSpec("chief", "chief", SELECTION_ENCODER))
-    specs += [EmbeddingSpec(f"meanpool_{enc}", "meanpool", enc) for enc in tile_encoders]
+    """Every embedding a config produces, in report order: per grid of the selection encoder
+    EAGLE (its reference first) and CHIEF, then mean pooling and slide encoders per instance.
+
+    `tile_encoders`: the instances (or plain encoder names, one grid each).
+    """
+    instances = (
+        dict(tile_encoders)
+        if isinstance(tile_encoders, Mapping)
+        else {name: TileInstance(name, name, Grid(0, 0.0), "") for name in tile_encoders}
+    )
     inputs = (
         {name: s.get("tile_encoder") for name, s in slide_encoders.items()}
         if isinstance(slide_encoders, Mapping)
         else dict.fromkeys(slide_encoders)
     )
+    specs = []
+    for selection in instances.values():
+        if selection.encoder != SELECTION_ENCODER:
+            continue
+        grid = selection.suffix
+        specs += [
+            EmbeddingSpec(
+                eagle_embedding_name(enc, k, eagle_encoders, top_ks) + grid,
+                "eagle",
+                enc,
+                k,
+                grid=grid,
+            )
+            for enc in eagle_encoders
+            for k in top_ks
+        ]
+        specs.append(EmbeddingSpec("chief" + grid, "chief", SELECTION_ENCODER, grid=grid))
     specs += [
-        EmbeddingSpec(name, "slide_encoder", name, tile_encoder=tile_encoder)
-        for name, tile_encoder in inputs.items()
+        EmbeddingSpec(f"meanpool_{inst.name}", "meanpool", inst.encoder, grid=inst.suffix)
+        for inst in instances.values()
     ]
+    for name, tile_encoder in inputs.items():
+        source = tile_encoder or SLIDE_ENCODERS[name].tile_encoder
+        specs += [
+            EmbeddingSpec(
+                name + inst.suffix, "slide_encoder", name, tile_encoder=source, grid=inst.suffix
+            )
+            for inst in instances.values()
+            if inst.encoder == source
+        ]
     return specs
 
 
