@@ -37,6 +37,11 @@ causal-conv1d or Triton: the same code runs on CPU and CUDA. Under autocast the 
 in half precision and the convolution, scan, gated norm, softmax and weighted mean in fp32
 (BF16_TOLERANCE).
 
+Speed on 2 shared CPU cores in fp32 (load average 9-10 at the time, so wall times are inflated;
+CPU seconds of all threads in brackets): COBRA-II 4.5 s (1.7) at 2,000 tiles and 24 s (9.9) at
+10,000, peak host memory 0.69 / 0.83 GB for the whole process (torch and the model included);
+COBRA-I 11 s (4.2) and 50 s (20), 0.82 / 0.89 GB. Build + strict load from a file: 0.05 s.
+
 Where the original is silent and we refuse: `embed[str(D)]` routes features by their dimension
 alone (Prov-GigaPath's or UNI2-h's 1536-d features would pass through H-optimus-0's projection,
 Virchow v1 class tokens through Virchow2's); `encode_bag` picks the projection by the TILE ENCODER
@@ -165,8 +170,12 @@ SIGNATURE_KEYS = (
     "module.momentum_enc.mamba_enc.layers.0.1.A_log",
     "module.momentum_enc.embed.512.head.1.weight",
 )
-# CPU bf16 autocast against fp32 (demo weights, 2,000 tiles, full size): max |diff| of the
-# embedding relative to max |embedding|; see the module docstring for what runs in fp32.
+# bf16 autocast (projections, MLPs and scorers in bf16; conv, scan, norms, head mean, softmax and
+# weighted mean in fp32) against fp32: max |diff| of the embedding / max |embedding| was 0.0136
+# (COBRA-II) and 0.0094 (COBRA-I) at 2,000 tiles, 0.0101 and 0.0094 at 10,000, with full-size
+# demo weights on zero-mean random features (the pessimistic case: their weighted mean nearly
+# cancels), measured with CPU autocast (scripts/tools/bench_cobra.py; no GPU measured). fp32 vs
+# fp64 there: max |diff| 2.1e-7 (max |embedding| 0.13).
 BF16_TOLERANCE = 0.02
 # Demo weights: the trained model ranks tiles over a few logits; unit-gain random weights give
 # logits with a std of 0.1-0.17 (full size, 500 tiles): nearly a plain mean. This gain spreads them.
@@ -192,10 +201,17 @@ def causal_conv_chunk(
 
     xbc [L, C] pre-convolution rows, tail [K-1, C] the previous K-1 rows (zeros at the start),
     weight [C, 1, K] -> (out [L, C] before the activation, the next chunk's tail [K-1, C]).
-    Row t sees rows t-K+1..t; weight[:, 0, K-1] multiplies row t (torch's cross-correlation).
+    Row t sees rows t-K+1..t; weight[:, 0, K-1] multiplies row t (torch's conv1d is a
+    cross-correlation). Written as K multiply-adds: torch's depthwise conv1d on CPU took ~50 times
+    longer for these shapes.
     """
     padded = torch.cat([tail, xbc])
-    out = F.conv1d(padded.T.unsqueeze(0), weight, bias, groups=weight.shape[0])[0].T
+    length, kernel = xbc.shape[0], weight.shape[-1]
+    out = padded[:length] * weight[:, 0, 0]
+    for tap in range(1, kernel):
+        out.addcmul_(padded[tap : tap + length], weight[:, 0, tap])
+    if bias is not None:
+        out.add_(bias)
     return out, padded[padded.shape[0] - tail.shape[0] :]
 
 
@@ -203,10 +219,15 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
     """a [L, H] -> [H, L, L] with out[h, t, s] = a[s+1, h] + ... + a[t, h] (0 at s = t) for s <= t
     and -inf for s > t, summed per segment (no difference of two long cumulative sums)."""
     length = a.shape[0]
-    ones = torch.ones(length, length, dtype=torch.bool, device=a.device)
-    spread = a.T.unsqueeze(-1).expand(-1, -1, length)  # [h, t, s] = a[t, h]
-    summed = spread.masked_fill(~torch.tril(ones, -1), 0.0).cumsum(dim=1)
-    return summed.masked_fill(~torch.tril(ones), -math.inf)
+    strict = _lower_triangle(length, -1, a.device)
+    summed = a.T.unsqueeze(-1).expand(-1, -1, length).masked_fill(~strict, 0.0).cumsum(dim=1)
+    return summed.masked_fill_(~_lower_triangle(length, 0, a.device), -math.inf)
+
+
+def _lower_triangle(length: int, diagonal: int, device: torch.device) -> torch.Tensor:
+    """[L, L] bool, True where s <= t + diagonal (built per call: 256 x 256 is cheap)."""
+    ones = torch.ones(length, length, dtype=torch.bool, device=device)
+    return torch.tril(ones, diagonal)
 
 
 def ssd_chunk(
@@ -226,8 +247,8 @@ def ssd_chunk(
     length, heads, width = x.shape
     n_state = b.shape[1]
     dta = dt * a_head  # [L, H], <= 0
-    decay = segment_sums(dta).exp()  # [H, t, s]: exp(A * (dt_{s+1} + ... + dt_t)), 0 for s > t
-    scores = (c @ b.T).unsqueeze(0) * decay * dt.T.unsqueeze(1)  # [H, t, s]
+    decay = segment_sums(dta).exp_()  # [H, t, s]: exp(A * (dt_{s+1} + ... + dt_t)), 0 for s > t
+    scores = (decay * (c @ b.T)).mul_(dt.T.unsqueeze(1))  # [H, t, s]
     y = torch.bmm(scores, x.transpose(0, 1)).transpose(0, 1)  # [L, H, P]
     from_start = dta.cumsum(dim=0).exp()  # [L, H]: exp(A * (dt_0 + ... + dt_t))
     carried = (c @ state.reshape(heads * width, n_state).T).view(length, heads, width)
@@ -423,8 +444,8 @@ class Cobra(nn.Module):
         projection = self.projection(tile_encoder, feats)
         h = self.norm(self.mamba_enc(projection(feats.to(self.norm.weight.dtype))))
         h = h.unflatten(-1, (-1, self.num_heads))  # [N, 768 / heads, heads]
-        logits = [attn(h[..., i]) for i, attn in enumerate(self.attn)]
-        return torch.stack(logits, dim=-1).mean(dim=-1)
+        logits = torch.stack([attn(h[..., i]) for i, attn in enumerate(self.attn)], dim=-1)
+        return logits.to(accumulation_dtype(logits.dtype)).mean(dim=-1)  # not in half
 
     def attention(self, feats: torch.Tensor, tile_encoder: str) -> torch.Tensor:
         """[N] tile weights: the softmax over tiles of `tile_logits` (fp32 or fp64)."""
