@@ -20,7 +20,7 @@ from eagleflow import tilereader, tiling
 from eagleflow.demo import SlideSpec, write_pyramid_tiff
 from eagleflow.features import TileGeometry, iter_tile_batches
 from eagleflow.h5io import read_tiles
-from eagleflow.slides import grid_tile_size, open_slide, read_tile, slide_info
+from eagleflow.slides import grid_tile_size, level_factor, open_slide, read_tile, slide_info
 from eagleflow.tilereader import SlideTileReader, iter_slide_tiles
 from eagleflow.tiling import TilingParams, run_tiling
 
@@ -189,3 +189,12 @@ def test_a_scan_mpp_off_the_round_values_reads_whole_pixels(make_slide):
     slide = open_slide(path)
     expected = [read_tile(slide, x, y, size, level, ds, 224) for x, y in coords.tolist()]
     assert_same(read_all(reader), expected)
+
+
+def test_the_level_factor_is_the_scanner_s_integer_downsample_when_sizes_are_rounded():
+    # OpenSlide's Aperio sample CMU-1.svs: level 1 is 11,500 x 8,228 px, downsample 4.00012
+    dims = ((46000, 32914), (11500, 8228), (2875, 2057))
+    assert level_factor(dims, (1.0, 4.000121536217793, 16.000486), 1) == 4.0
+    assert level_factor(dims, (1.0, 4.000121536217793, 16.000486), 2) == 16.0
+    # a level that is not level 0 / n rounded (4,000 -> 3,000 px): OpenSlide's downsample
+    assert level_factor(((4000, 3000), (3000, 2250)), (1.0, 4 / 3), 1) == 4 / 3
