@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from eagleflow.encoders import SLIDE_ENCODERS, TILE_ENCODERS  # noqa: E402
 from eagleflow.models.catalog import catalog  # noqa: E402
 from eagleflow.models.checkpoints import demo_seed, random_state_dict  # noqa: E402
-from eagleflow.models.loading import build_model, load_model, model_code  # noqa: E402
+from eagleflow.models.loading import build_model, load_model, model_function  # noqa: E402
 from eagleflow.weights import MODEL_NAMES, REGISTRY, sha256_file  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def peak_rss_gb() -> float:
 def write_checkpoint(name: str, path: Path) -> None:
     """Seeded random weights of `name` in its published container (the model's key layout)."""
     model = build_model(name)
-    demo = getattr(model_code(name), "demo_state_dict", random_state_dict)
+    demo = model_function(name, "demo_state_dict") or random_state_dict
     state_dict = demo(model, demo_seed(name))
     key = REGISTRY[name].state_dict_key
     torch.save(state_dict if key is None else {key: state_dict}, path)

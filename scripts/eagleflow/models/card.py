@@ -10,6 +10,9 @@ published files), followed by its architecture and the functions the loader call
     demo_state_dict(model, seed) -> dict                optional: seeded demo weights
     published_key(key) -> str                           optional: model key -> its name in the file
 
+A file whose cards differ in architecture (COBRA-II and COBRA-I) gives these functions a `name`
+keyword: the loader passes the card's name.
+
 The card is plain data written with literals and the classes below only, so that
 `eagleflow.models.catalog` reads it from the file's source without importing the file (the
 Snakefile plans without torch). Adding a model is adding its file: nothing else is edited.

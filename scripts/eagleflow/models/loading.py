@@ -9,9 +9,12 @@ remap, loads with strict=True and returns an eval-mode module that carries its p
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -39,10 +42,19 @@ def model_code(name: str) -> ModuleType:
     return importlib.import_module(module)
 
 
+def model_function(name: str, function: str) -> Callable[..., Any] | None:
+    """A model file's function for model `name`; a file with several cards whose architectures
+    differ (COBRA-II and COBRA-I) takes the card's name as `name=`."""
+    found = getattr(model_code(name), function, None)
+    if found is not None and "name" in inspect.signature(found).parameters:
+        return functools.partial(found, name=name)
+    return found
+
+
 def build_model(name: str) -> nn.Module:
     """The architecture of `name` without weights (on meta where possible; load before use)."""
     on_meta = catalog().card(name).on_meta
-    return model_code(name).build(device="meta" if on_meta else "cpu")
+    return model_function(name, "build")(device="meta" if on_meta else "cpu")
 
 
 def identify_checkpoint(checkpoint: Any) -> str | None:
@@ -77,7 +89,6 @@ def load_model(
     for a missing file, a checksum mismatch, an unsafe or unreadable file, or a file whose keys or
     shapes do not fit the model.
     """
-    code = model_code(name)
     key = config_key or f"models.{name}.weights"
     if isinstance(weights, WeightsInfo) and weights.name == name and weights.sha256 is not None:
         info = weights
@@ -92,14 +103,14 @@ def load_model(
     model = build_model(name)
     if info.is_demo:
         log.warning("%s uses random DEMO weights: outputs are not results", name)
-        demo = getattr(code, "demo_state_dict", random_state_dict)
+        demo = model_function(name, "demo_state_dict") or random_state_dict
         load_state_dict_exact(model, demo(model, demo_seed(name)), name, None)
     else:
         checkpoint = read_checkpoint(info.path, name)
         try:
-            state_dict = code.prepare_state_dict(checkpoint, info.path)
+            state_dict = model_function(name, "prepare_state_dict")(checkpoint, info.path)
             load_state_dict_exact(
-                model, state_dict, name, info.path, getattr(code, "published_key", None)
+                model, state_dict, name, info.path, model_function(name, "published_key")
             )
         except WeightsError as exc:
             other = identify_checkpoint(checkpoint)
