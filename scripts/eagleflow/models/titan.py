@@ -192,18 +192,26 @@ def check_unique_cells(cells: torch.Tensor) -> None:
 def alibi_bias(cells: torch.Tensor, start: int, stop: int, slopes: torch.Tensor) -> torch.Tensor:
     """Rows [start, stop) of the [H, n+1, n+1] ALiBi bias of tokens [cls, tile cells], fp32.
 
-    bias[h, i, j] = -(fp32(sqrt(float64(dx^2 + dy^2))) * slope_h) between tiles i-1 and j-1,
-    0 where i or j is the class token: the original's arithmetic, one row block at a time.
+    bias[h, i, j] = -(fp32(sqrt(dx^2 + dy^2)) * slope_h) between tiles i-1 and j-1, 0 where i or
+    j is the class token: the original's arithmetic (integer squares summed exactly, sqrt in
+    float64, rounded to fp32, times the fp32 slope, negated), one block of rows at a time.
     """
     n = cells.shape[0]
-    out = torch.zeros(len(slopes), stop - start, n + 1, dtype=torch.float32, device=cells.device)
+    out = torch.empty(len(slopes), stop - start, n + 1, dtype=torch.float32, device=cells.device)
+    out[:, :, 0] = 0.0  # the class token's column ...
+    if start == 0:
+        out[:, 0] = 0.0  # ... and row
     first = max(start, 1)
     if first < stop:
-        gx, gy = cells[:, 0].contiguous(), cells[:, 1].contiguous()  # 1-D: fast broadcasting
-        dx = gx[first - 1 : stop - 1, None] - gx[None, :]  # int64, exact
+        # Integer cells in float64: the squares and their sum are exact (< 2^53), as in numpy.
+        pos = cells.to(torch.float64)
+        gx, gy = pos[:, 0].contiguous(), pos[:, 1].contiguous()  # 1-D: fast broadcasting
+        dx = gx[first - 1 : stop - 1, None] - gx[None, :]
         dy = gy[first - 1 : stop - 1, None] - gy[None, :]
-        dist = (dx * dx + dy * dy).to(torch.float64).sqrt().to(torch.float32)
-        out[:, first - start :, 1:] = dist[None] * slopes.to(torch.float32)[:, None, None] * -1
+        dist = dx.mul_(dx).addcmul_(dy, dy).sqrt_().to(torch.float32)
+        # (d * s) * -1 == d * (-s) bit for bit: negation is exact.
+        neg = slopes.to(torch.float32).neg()[:, None, None]
+        torch.mul(dist[None], neg, out=out[:, first - start :, 1:])
     return out
 
 
