@@ -157,3 +157,13 @@ def test_a_toy_model_file_is_the_whole_registration(finished_demo, tmp_path):
     assert patients["meanpool_toy"].shape[1] == 6
     assert "meanpool_toy" in list(attrs["embeddings"])
     assert (patients["meanpool_toy"].std(0) > 0).all()  # the tiles' colours, per patient
+
+
+def test_a_checkpoint_is_named_by_the_architecture_it_fits():
+    """Virchow v1's keys are a subset of Virchow2's: the signature alone would name the wrong one."""
+    from eagleflow.models.loading import build_model, identify_checkpoint
+
+    for name in ("virchow2", "virchow", "gigapath_tile"):
+        meta_file = build_model(name).state_dict()  # meta tensors: shapes without memory
+        assert identify_checkpoint(dict(meta_file)) == name
+    assert identify_checkpoint({"something": 1}) is None

@@ -58,9 +58,12 @@ def build_model(name: str) -> nn.Module:
 
 
 def identify_checkpoint(checkpoint: Any) -> str | None:
-    """Which of our models a loaded checkpoint looks like (by signature keys), or None."""
+    """Which of our models a loaded checkpoint is: of the models whose signature keys it has,
+    the first whose architecture it fits exactly (Virchow's keys are a subset of Virchow2's),
+    else the first by signature; None if none."""
     if not isinstance(checkpoint, dict):
         return None
+    by_signature = []
     for name, card in catalog().cards.items():
         candidates = [checkpoint]
         key = card.weights.state_dict_key
@@ -68,8 +71,18 @@ def identify_checkpoint(checkpoint: Any) -> str | None:
             candidates.append(checkpoint[key])
         signature = model_code(name).SIGNATURE_KEYS
         if any(all(k in sd for k in signature) for sd in candidates):
+            by_signature.append(name)
+    for name in by_signature:
+        try:
+            state_dict = model_function(name, "prepare_state_dict")(checkpoint, None)
+            expected = build_model(name).state_dict()
+        except (WeightsError, ValueError, KeyError, TypeError):
+            continue
+        if set(state_dict) == set(expected) and all(
+            state_dict[k].shape == expected[k].shape for k in expected
+        ):
             return name
-    return None
+    return by_signature[0] if by_signature else None
 
 
 def load_model(
