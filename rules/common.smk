@@ -96,7 +96,11 @@ SLIDE_ENCODER_INSTANCES = {
     if instance.encoder == settings["tile_encoder"]
 }
 EMBEDDINGS = configured_embeddings(
-    TILE_INSTANCES, EAGLE_ENCODERS, TOP_KS, SLIDE_ENCODER_CONFIG
+    TILE_INSTANCES,
+    EAGLE_ENCODERS,
+    TOP_KS,
+    SLIDE_ENCODER_CONFIG,
+    eagle_all=config["eagle"]["all_tiles"],
 )
 EMBEDDING_NAMES = [spec.name for spec in EMBEDDINGS]
 for section in ("umap", "retrieval"):

@@ -10,7 +10,7 @@ import pytest
 
 from eagleflow.batches import write_manifest
 from eagleflow.embeddings import build_cohort_embeddings
-from eagleflow.encoders import configured_embeddings
+from eagleflow.encoders import Grid, TileInstance, configured_embeddings
 from eagleflow.feature_files import write_tile_features
 from eagleflow.h5io import read_h5, write_h5
 
@@ -198,3 +198,56 @@ def test_late_fusion_is_the_plain_mean_of_slides_and_early_the_patients_bag(tmp_
     pb, _ = read_h5(tmp_path / "bags" / "PB.HE.h5")
     np.testing.assert_array_equal(patients["gigapath_slide"][1], pb["embedding"])
     assert "gigapath_slide" not in slides
+
+
+def test_eagle_all_is_one_chief_softmax_over_every_tile_of_the_patient(tmp_path: Path):
+    """The paper's `all` ablation: CHIEF's softmax over all of a patient's tiles weights the
+    second-stage encoder's embedding of each tile (here virchow2 on the selection grid)."""
+    made = _fabricate(tmp_path)
+    m = made["manifests"]
+    rng = np.random.default_rng(3)
+    rows, virchow = [], {}
+    for slide, _patient, _stain, n in SLIDES:
+        virchow[slide] = rng.normal(size=(n, 1280)).astype(np.float32)
+        coords = np.stack([np.arange(n) * 448, np.zeros(n)], axis=1).astype(np.int64)
+        path = tmp_path / "virchow2_all" / f"{slide}.h5"
+        write_tile_features(
+            path,
+            virchow[slide],
+            coords,
+            mpp=0.5,
+            tile_size_px=224,
+            tile_size_um=112.0,
+            encoder="virchow2",
+            attrs={"slide_id": slide, "tile_size_level0_px": 448, "tile_forwards": n},
+        )
+        rows.append({"slide_id": slide, "output": str(path)})
+    write_manifest(tmp_path / "virchow2_all.tsv", rows, True)
+    instances = {
+        "ctranspath": TileInstance("ctranspath", "ctranspath", Grid(224, 2.0), ""),
+        "virchow2": TileInstance("virchow2", "virchow2", Grid(224, 2.0), ""),
+    }
+    specs = configured_embeddings(instances, ["virchow2"], [2], eagle_all=True)
+    assert [s.name for s in specs][:3] == ["eagle", "eagle_all", "chief"]
+    build_cohort_embeddings(
+        [{"slide_id": s, "patient": p, "cohort": "C", "stain": st} for s, p, st, _ in SLIDES],
+        [vars(spec) for spec in specs],
+        m["attention"],
+        {"ctranspath": m["ctranspath"], "virchow2": [str(tmp_path / "virchow2_all.tsv")]},
+        {"virchow2": m["virchow2"]},
+        {},
+        {"aggregation": "mean"},
+        str(tmp_path / "slides.h5"),
+        str(tmp_path / "patients.h5"),
+        str(tmp_path / "compute.csv"),
+    )
+    raw = {s: read_h5(tmp_path / "attention" / f"{s}.h5")[0]["attention_raw"] for s, *_ in SLIDES}
+    scores = np.concatenate([raw["A1"], raw["A2"]]).astype(np.float64)
+    weights = np.exp(scores - scores.max())
+    weights /= weights.sum()
+    expected = weights @ np.concatenate([virchow["A1"], virchow["A2"]]).astype(np.float64)
+    patients, _ = read_h5(tmp_path / "patients.h5")
+    np.testing.assert_allclose(patients["eagle_all"][0], expected, rtol=1e-4, atol=1e-6)
+    compute = pd.read_csv(tmp_path / "compute.csv").set_index("embedding")
+    # every tile through virchow2 (5 + 3 + 4 tiles over 3 slides) plus CTransPath's
+    assert compute.loc["eagle_all", "tile_forwards_per_slide"] == pytest.approx(2 * 12 / 3)

@@ -83,3 +83,19 @@ def test_every_embedding_is_made_at_every_grid_of_what_it_reads():
 @pytest.mark.parametrize("grid", [Grid(224, 2.0), Grid(224, 1.14), Grid(256, 0.5), Grid(64, 8.0)])
 def test_a_grid_is_read_back_from_its_folder_name(grid):
     assert Grid.from_name(grid.name) == grid
+
+
+def test_eagle_over_all_tiles_needs_its_encoder_at_chiefs_grid():
+    instances = tile_encoder_instances({"ctranspath": {}, "virchow2": {}})  # virchow2 at 0.5
+    with pytest.raises(EncoderConfigError, match=r"add it to tile_encoders at that grid.*224"):
+        configured_embeddings(instances, ["virchow2"], [25], eagle_all=True)
+    instances = tile_encoder_instances(
+        {"ctranspath": {"grids": "paper"}, "virchow2": {"grids": ["native", "paper"]}}
+    )
+    specs = configured_embeddings(instances, ["virchow2"], [25], eagle_all=True)
+    all_tiles = {s.name: s.features_key for s in specs if s.kind == "eagle_all"}
+    assert all_tiles == {
+        "eagle_all": "virchow2@2mpp",
+        "eagle_all@1.14mpp": "virchow2@1.14mpp",
+        "eagle_all@0.5mpp": "virchow2",  # its first grid (native = paper's 0.5, once)
+    }

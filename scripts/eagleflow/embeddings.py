@@ -22,11 +22,12 @@ import pandas as pd
 
 from eagleflow.batches import read_manifest
 from eagleflow.eagle import aggregate, softmax
-from eagleflow.encoders import DEFAULT_STAIN, EmbeddingSpec
-from eagleflow.feature_files import read_feats_mean
+from eagleflow.encoders import DEFAULT_STAIN, SELECTION_ENCODER, EmbeddingSpec
+from eagleflow.feature_files import read_feats_mean, read_tile_features
 from eagleflow.h5io import (
     COMPUTE_COLUMNS,
     EMBEDDINGS_FORMAT,
+    FormatError,
     read_h5,
     write_csv,
     write_h5,
@@ -52,6 +53,8 @@ class SlideRecord:
     cost: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (forwards, s)
     demo: dict[str, set[str]] = field(default_factory=dict)  # stage -> models with demo weights
     grids: dict[str, tuple[int, float]] = field(default_factory=dict)  # features:<enc> -> px, mpp
+    # (features instance, CHIEF instance) -> CHIEF-softmax-weighted mean of every tile's features
+    all_tiles: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def demo_models(self) -> set[str]:
         return set().union(*self.demo.values())
@@ -86,8 +89,10 @@ def load_slide_records(
     attention: Mapping[str, Sequence[str]] | Sequence[str],
     features: Mapping[str, Sequence[str]],
     topk: Mapping[str, Sequence[str]],
+    all_tiles: Sequence[tuple[str, str]] = (),
 ) -> dict[str, SlideRecord]:
-    """Read every slide's per-slide files (only the small datasets of the feature files).
+    """Read every slide's per-slide files (only the small datasets of the feature files, but
+    the whole features of the (features instance, CHIEF instance) pairs in `all_tiles`).
 
     `attention`: CHIEF instance (`chief`, `chief@0.5mpp`) -> its manifests; a plain list is
     `chief`'s.
@@ -103,8 +108,10 @@ def load_slide_records(
         record = SlideRecord(
             sid, slide["patient"], slide["cohort"], slide.get("stain", DEFAULT_STAIN)
         )
+        raw_scores = {}
         for name, files in attention_files.items():
             data, attrs = read_h5(files[sid])
+            raw_scores[name] = data["attention_raw"]
             record.chief[name] = data["chief_embedding"]
             record.logsumexp[name] = float(attrs["attention_logsumexp"])
             if name == "chief" or not record.n_tiles:
@@ -128,6 +135,10 @@ def load_slide_records(
                 float(attrs.get("compute_seconds", 0.0)),
             )
             record.demo[f"topk:{encoder}"] = demo_models(attrs)
+        for features_key, attention_key in all_tiles:
+            record.all_tiles[features_key, attention_key] = all_tiles_embedding(
+                feature_files[features_key][sid], raw_scores[attention_key]
+            )
         records[sid] = record
     return records
 
@@ -165,11 +176,33 @@ def eagle_embedding(
     return mean if aggregation == "mean" else weighted
 
 
+def all_tiles_embedding(features_path: str, attention_raw: np.ndarray) -> np.ndarray:
+    """softmax(CHIEF's raw scores) · every tile's features: EAGLE's `all` ablation, one slide.
+
+    The features were read from the same tiles file CHIEF's input was, so rows pair up; the
+    row count is checked.
+    """
+    feats, _coords, _attrs = read_tile_features(features_path)
+    if len(feats) != len(attention_raw):
+        raise FormatError(
+            f"{features_path}: {len(feats)} tiles, but CHIEF scored {len(attention_raw)}: "
+            "not the same tiles file"
+        )
+    weights = softmax(np.asarray(attention_raw, dtype=np.float64))
+    return (weights[:, None] * feats.astype(np.float64)).sum(0).astype(np.float32)
+
+
+def chief_pooled(vectors: Sequence[np.ndarray], logsumexps: Sequence[float]) -> np.ndarray:
+    """Slides' attention-pooled vectors as one softmax over all their tiles: each slide
+    weighted by its softmax mass (exp of its log-sum-exp)."""
+    weight = softmax(np.array(logsumexps, dtype=np.float64))
+    stacked = np.stack(vectors).astype(np.float64)
+    return (weight[:, None] * stacked).sum(0).astype(np.float32)
+
+
 def chief_embedding(records: Sequence[SlideRecord], key: str = "chief") -> np.ndarray:
     """CHIEF's pooling over all tiles of the records: each slide weighted by its softmax mass."""
-    weight = softmax(np.array([r.logsumexp[key] for r in records]))
-    stacked = np.stack([r.chief[key] for r in records]).astype(np.float64)
-    return (weight[:, None] * stacked).sum(0).astype(np.float32)
+    return chief_pooled([r.chief[key] for r in records], [r.logsumexp[key] for r in records])
 
 
 def weighted_mean(vectors: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
@@ -201,6 +234,11 @@ def embed_group(
         return eagle_embedding(records, spec.stage_key, int(spec.top_k or 0), aggregation)
     if spec.kind == "chief":
         return chief_embedding(records, spec.attention_key)
+    if spec.kind == "eagle_all":
+        key = (spec.features_key, spec.attention_key)
+        return chief_pooled(
+            [r.all_tiles[key] for r in records], [r.logsumexp[spec.attention_key] for r in records]
+        )
     if spec.kind == "meanpool":
         means = [r.means[spec.features_key] for r in records]
         return weighted_mean([m for m, _ in means], [n for _, n in means])
@@ -212,7 +250,9 @@ def embed_group(
 
 def stages_of(spec: EmbeddingSpec) -> list[str]:
     """The per-slide stages an embedding needs (keys of SlideRecord.cost)."""
-    selection = [f"features:{spec.features_key}", spec.attention_key]
+    selection = [f"features:{SELECTION_ENCODER}{spec.grid}", spec.attention_key]
+    if spec.kind == "eagle_all":
+        return [f"features:{spec.features_key}", *selection]
     if spec.kind == "eagle":
         return [*selection, f"topk:{spec.stage_key}"]
     if spec.kind == "chief":
@@ -249,7 +289,7 @@ def compute_row(
                 f, s = used, s * used / f if f else 0.0
             forwards, seconds = forwards + f, seconds + s
             demo |= r.demo[stage]
-        slide_forwards += 1 if spec.kind in ("eagle", "chief") else 0
+        slide_forwards += 1 if spec.kind in ("eagle", "eagle_all", "chief") else 0
     if spec.kind == "slide_encoder":
         slide_ids = {r.slide_id for r in records}
         used_bags = [b for b in bags.values() if slide_ids & set(b["slides"])]
@@ -306,7 +346,10 @@ def build_cohort_embeddings(
     """
     specs = [EmbeddingSpec(**e) for e in embeddings]
     aggregation = params["aggregation"]
-    records = load_slide_records(slides, attention_manifests, feature_manifests, topk_manifests)
+    all_tiles = [(s.features_key, s.attention_key) for s in specs if s.kind == "eagle_all"]
+    records = load_slide_records(
+        slides, attention_manifests, feature_manifests, topk_manifests, all_tiles
+    )
     fusion = params.get("slide_encoder_fusion", {})
     bags = {name: load_bags(m) for name, m in slide_encoder_manifests.items()}
     all_bags = {(name, b): v for name, per in bags.items() for b, v in per.items()}

@@ -136,7 +136,7 @@ SLIDE_ENCODERS: dict[str, SlideEncoder] = {
 # The embeddings of the default config (EAGLE, CHIEF, mean-pooled CTransPath).
 DEFAULT_EMBEDDING_NAMES: tuple[str, ...] = ("eagle", "chief", "meanpool_ctranspath")
 
-EmbeddingKind = Literal["eagle", "chief", "meanpool", "slide_encoder"]
+EmbeddingKind = Literal["eagle", "eagle_all", "chief", "meanpool", "slide_encoder"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,8 @@ class EmbeddingSpec:
     @property
     def features_key(self) -> str:
         """The tile-encoder instance whose features on every tile it reads."""
+        if self.kind == "eagle_all":  # the second-stage encoder's instance at CHIEF's grid
+            return str(self.tile_encoder)
         return self.input_encoder + self.grid
 
     @property
@@ -175,6 +177,8 @@ class EmbeddingSpec:
         """The tile encoder whose features on every tile this embedding reads."""
         if self.kind in ("eagle", "chief"):
             return SELECTION_ENCODER
+        if self.kind == "eagle_all":
+            return self.encoder
         if self.kind == "meanpool":
             return self.encoder
         return self.tile_encoder or SLIDE_ENCODERS[self.encoder].tile_encoder
@@ -183,6 +187,8 @@ class EmbeddingSpec:
     def description(self) -> str:
         if self.kind == "eagle":
             return f"EAGLE: CHIEF top-{self.top_k} tiles embedded by {self.encoder}, mean"
+        if self.kind == "eagle_all":
+            return f"EAGLE all: CHIEF-softmax-weighted {self.encoder} embeddings of every tile"
         if self.kind == "chief":
             return "CHIEF attention pooling of CTransPath features"
         if self.kind == "meanpool":
@@ -291,14 +297,33 @@ def eagle_embedding_name(encoder: str, k: int, encoders: Sequence[str], ks: Sequ
     return name
 
 
+def all_tiles_instance(
+    instances: Mapping[str, TileInstance], encoder: str, selection: TileInstance
+) -> str:
+    """The instance of `encoder` at the selection instance's grid (EAGLE over all tiles reads
+    its features of every tile CHIEF scored)."""
+    for instance in instances.values():
+        if instance.encoder == encoder and instance.grid == selection.grid:
+            return instance.name
+    grid = selection.grid
+    raise EncoderConfigError(
+        f"eagle.all_tiles: EAGLE over all tiles weights {encoder}'s embedding of every tile that "
+        f"CHIEF scored at {grid.name}: add it to tile_encoders at that grid "
+        f"(`{encoder}: {{tile_px: {grid.tile_px}, tile_mpp: {grid.tile_mpp:g}}}`, or a grids list "
+        "holding it). It costs the second-stage encoder on every tile, as meanpool does."
+    )
+
+
 def configured_embeddings(
     tile_encoders: Sequence[str] | Mapping[str, TileInstance],
     eagle_encoders: Sequence[str],
     top_ks: Sequence[int],
     slide_encoders: Mapping[str, Mapping[str, Any]] | Sequence[str] = (),
+    eagle_all: bool = False,
 ) -> list[EmbeddingSpec]:
     """Every embedding a config produces, in report order: per grid of the selection encoder
-    EAGLE (its reference first) and CHIEF, then mean pooling and slide encoders per instance.
+    EAGLE (its reference first), EAGLE over all tiles if asked, and CHIEF; then mean pooling and
+    slide encoders per instance.
 
     `tile_encoders`: the instances (or plain encoder names, one grid each).
     """
@@ -328,6 +353,20 @@ def configured_embeddings(
             for enc in eagle_encoders
             for k in top_ks
         ]
+        if eagle_all:
+            specs += [
+                EmbeddingSpec(
+                    eagle_embedding_name(enc, 0, eagle_encoders, [0]).replace(
+                        "eagle", "eagle_all", 1
+                    )
+                    + grid,
+                    "eagle_all",
+                    enc,
+                    tile_encoder=all_tiles_instance(instances, enc, selection),
+                    grid=grid,
+                )
+                for enc in eagle_encoders
+            ]
         specs.append(EmbeddingSpec("chief" + grid, "chief", SELECTION_ENCODER, grid=grid))
     specs += [
         EmbeddingSpec(f"meanpool_{inst.name}", "meanpool", inst.encoder, grid=inst.suffix)
