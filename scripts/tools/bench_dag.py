@@ -5,6 +5,7 @@ validation, the weight check and the DAG are the real ones; nothing is computed.
 
     .venv/bin/python scripts/tools/bench_dag.py --sizes 1000 10000 50000 --repeat 3
     .venv/bin/python scripts/tools/bench_dag.py --sizes 10000 --extra-encoders gigapath_tile pathoduet
+    .venv/bin/python scripts/tools/bench_dag.py --sizes 10000 --overlay config/paper.yaml
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def make_cohort(
     return root
 
 
-def measure(workdir: Path) -> tuple[float, float, str]:
+def measure(workdir: Path, overlay: Path | None = None) -> tuple[float, float, str]:
     """Wall seconds and peak RSS (GB, whole process tree) of a dry run; the job stats line."""
     command = [
         str(Path(sys.executable).parent / "snakemake"),
@@ -76,6 +77,7 @@ def measure(workdir: Path) -> tuple[float, float, str]:
         str(workdir),
         "--configfile",
         str(workdir / "config.yaml"),
+        *([str(overlay.resolve())] if overlay else []),
         "-n",
     ]
     log_path = workdir / "dry-run.log"  # a file, not a pipe: 10,000 job listings fill a pipe
@@ -113,14 +115,18 @@ def main() -> None:
         default=[],
         help="tile encoders run on every tile besides CTransPath (e.g. gigapath_tile pathoduet)",
     )
+    parser.add_argument(
+        "--overlay", type=Path, help="a config read on top (e.g. config/paper.yaml, the paper grid)"
+    )
     args = parser.parse_args()
     extra = f", extra tile encoders: {' '.join(args.extra_encoders)}" if args.extra_encoders else ""
+    extra += f", overlay {args.overlay}" if args.overlay else ""
     print(f"snakemake -n, {args.repeat} run(s) per size, {os.cpu_count()} CPU(s){extra}")
     print(f"{'slides':>8} {'jobs':>8} {'median s':>9} {'min-max s':>11} {'peak GB':>8}")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = make_cohort(Path(tmp), size, args.slides_per_batch, args.extra_encoders)
-            runs = [measure(workdir) for _ in range(args.repeat)]
+            runs = [measure(workdir, args.overlay) for _ in range(args.repeat)]
         walls = [wall for wall, _, _ in runs]
         spread = f"{min(walls):.1f}-{max(walls):.1f}"
         peak = max(peak for _, peak, _ in runs)
