@@ -28,7 +28,7 @@ Differences, on purpose:
   buffers, ~120 bytes x n^2 (about 12 GB at 10,000 tissue tiles; TITAN issue #33). We compute the
   bias per block of query rows (`BIAS_BLOCK_BYTES` of bias at a time) inside each attention, with
   the same arithmetic, so the bias is bit-identical and the peak stays bounded: 10,000 tiles
-  peak at 1.53 GB host memory for the whole process (0.6 GB for the forward itself).
+  peak at 1.43 GB host memory for the whole process (0.5 GB for the forward itself).
 - Two tiles in one cell: the original sums their features silently (`index_add_`); we raise.
 - Float coordinates: the original fails inside `index_add_`; `grid_cells` says why.
 
@@ -119,10 +119,10 @@ BIAS_BLOCK_BYTES = 1 << 26
 # fp32 vs fp64: 6e-7 (twin). Stated bound for half precision:
 BF16_TOLERANCE = 0.05
 # CPU fp32, torch.set_num_threads(2), demo weights, a blob of tissue cells with holes, one
-# encode_bag in a fresh process (scripts/tools/bench_titan.py), on the shared 2-core machine at
-# load average ~9: 2,000 tiles 16 s, peak RSS 1.31 GB; 10,000 tiles 399 s, peak RSS 1.53 GB
-# (0.93 GB of it before the call: torch, the model and its demo weights). The original's bias
-# alone would take ~12 GB at 10,000 tiles.
+# encode_bag in a fresh process (scripts/tools/bench_titan.py), shared 2-core machine: 2,000
+# tiles 1.8 s, peak RSS 1.15 GB; 10,000 tiles 50 s, peak RSS 1.43 GB (load average 1-2; at load
+# ~7: 10 s and 198 s). 0.93 GB of the peak is there before the call (torch, the model and its
+# demo weights). The original's bias alone would take ~12 GB at 10,000 tiles.
 
 
 def alibi_slopes(heads: int) -> list[float]:
