@@ -112,6 +112,10 @@ def test_a_card_is_data_only(tmp_path):
     path = write_model(tmp_path, "toy", TOY_MODEL)
     (card,) = read_cards(path)
     assert isinstance(card, ModelCard) and card.tile_role.dim == 6
+    shared = TOY_MODEL.replace("CARD = ModelCard(", 'TOY_SUMMARY = "shared"\nCARD = ModelCard(')
+    shared = shared.replace('summary="toy tile encoder (tests)"', "summary=TOY_SUMMARY")
+    (card,) = read_cards(write_model(tmp_path, "toy", shared))
+    assert card.summary == "shared"  # a module-level name assigned card data before the card
     computed = TOY_MODEL.replace('summary="toy tile encoder (tests)"', "summary=str(1)")
     with pytest.raises(CardError, match=r"toy.py: CARD, line \d+: .*found 'str\(1\)'"):
         read_cards(write_model(tmp_path, "toy", computed))

@@ -13,7 +13,8 @@ published files), followed by its architecture and the functions the loader call
 A file whose cards differ in architecture (COBRA-II and COBRA-I) gives these functions a `name`
 keyword: the loader passes the card's name.
 
-The card is plain data written with literals and the classes below only, so that
+The card is plain data written with literals and the classes below only (and module-level
+names assigned such data before it, to share a piece between two cards), so that
 `eagleflow.models.catalog` reads it from the file's source without importing the file (the
 Snakefile plans without torch). Adding a model is adding its file: nothing else is edited.
 

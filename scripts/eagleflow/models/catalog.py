@@ -37,20 +37,28 @@ class CardError(EagleflowError, ValueError):
     """A model file's card cannot be read, or two cards disagree."""
 
 
-def _evaluate(node: ast.expr, where: str) -> Any:
-    """A card expression: literals, tuples/lists/dicts of them, card classes and constants."""
+def _evaluate(node: ast.expr, where: str, names: Mapping[str, Any] | None = None) -> Any:
+    """A card expression: literals, tuples/lists/dicts of them, card classes and constants, and
+    `names` (the file's earlier module-level assignments of such expressions)."""
+    names = names or {}
+
+    def value(child: ast.expr) -> Any:
+        return _evaluate(child, where, names)
+
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.Tuple, ast.List)):
-        return tuple(_evaluate(item, where) for item in node.elts)
+        return tuple(value(item) for item in node.elts)
     if isinstance(node, ast.Dict):
         return {
-            _evaluate(key, where): _evaluate(value, where)
-            for key, value in zip(node.keys, node.values, strict=True)
+            value(key): value(item)
+            for key, item in zip(node.keys, node.values, strict=True)
             if key is not None
         }
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand, where)
+        return -value(node.operand)
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
     if isinstance(node, ast.Name) and node.id in CARD_CONSTANTS:
         return CARD_CONSTANTS[node.id]
     if isinstance(node, ast.Attribute) and node.attr in CARD_CONSTANTS:
@@ -58,8 +66,8 @@ def _evaluate(node: ast.expr, where: str) -> Any:
     if isinstance(node, ast.Call):
         func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
         if func in CARD_CLASSES and not any(isinstance(a, ast.Starred) for a in node.args):
-            args = [_evaluate(arg, where) for arg in node.args]
-            kwargs = {kw.arg: _evaluate(kw.value, where) for kw in node.keywords if kw.arg}
+            args = [value(arg) for arg in node.args]
+            kwargs = {kw.arg: value(kw.value) for kw in node.keywords if kw.arg}
             if len(kwargs) != len(node.keywords):
                 raise CardError(f"{where}: `**` is not allowed in a card")
             return CARD_CLASSES[func](*args, **kwargs)
@@ -71,8 +79,13 @@ def _evaluate(node: ast.expr, where: str) -> Any:
 
 
 def read_cards(path: Path) -> tuple[ModelCard, ...]:
-    """The cards a model file declares (empty for a module without a card)."""
+    """The cards a model file declares (empty for a module without a card).
+
+    A card may use names assigned before it at module level from card expressions (say one
+    `ImagePreprocess` shared by a file's two cards); other assignments are skipped.
+    """
     tree = ast.parse(path.read_bytes(), filename=str(path))
+    names: dict[str, Any] = {}
     for node in tree.body:
         targets = (
             [node.target]
@@ -82,8 +95,16 @@ def read_cards(path: Path) -> tuple[ModelCard, ...]:
             else []
         )
         for target in targets:
-            if isinstance(target, ast.Name) and target.id in CARD_NAMES and node.value:
-                value = _evaluate(node.value, f"{path.name}: {target.id}")
+            if not isinstance(target, ast.Name) or node.value is None:
+                continue
+            if target.id not in CARD_NAMES:
+                try:  # a shared piece of the cards, or any other module constant (skipped)
+                    names[target.id] = _evaluate(node.value, path.name, names)
+                except (CardError, TypeError, ValueError):
+                    names.pop(target.id, None)
+                continue
+            if node.value:
+                value = _evaluate(node.value, f"{path.name}: {target.id}", names)
                 cards = value if isinstance(value, tuple) else (value,)
                 for card in cards:
                     if not isinstance(card, ModelCard):

@@ -30,16 +30,24 @@ from eagleflow.models.card import (
 from eagleflow.models.checkpoints import require_tensor_dict
 
 # One architecture, two published files: the H&E model and the IHC model.
+PATHODUET_PREPROCESS = ImagePreprocess(  # Resize(256) (bilinear) + CenterCrop(224) + ToTensor
+    resize=256,
+    crop=224,
+    interpolation="bilinear",
+    mean=NO_NORMALISATION_MEAN,
+    std=NO_NORMALISATION_STD,
+)
+PATHODUET_SOURCE = (
+    "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder it links"
+)
+PATHODUET_REFERENCE = "PathoDuet patch benchmark (NCT-CRC-HE): 224 px at 0.5 µm/px"
 CARDS = (
     ModelCard(
         name="pathoduet_he",
         summary="PathoDuet (Hua et al. 2024) H&E model: ViT-B/16 with a pretext token",
         weights=WeightFile(
             file_name="checkpoint_HE.pth",
-            source=(
-                "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder "
-                "it links, file checkpoint_HE.pth"
-            ),
+            source=PATHODUET_SOURCE,
             container="bare state dict (151 keys, no head)",
         ),
         role=TileEncoderRole(
@@ -48,15 +56,8 @@ CARDS = (
             tile_px=224,
             tile_mpp=0.5,
             trained_stains=("HE", "IHC"),
-            reference="PathoDuet patch benchmark (NCT-CRC-HE): 224 px at 0.5 µm/px",
-            # Resize(256) (bilinear) + CenterCrop(224) + ToTensor, no normalisation.
-            preprocess=ImagePreprocess(
-                resize=256,
-                crop=224,
-                interpolation="bilinear",
-                mean=NO_NORMALISATION_MEAN,
-                std=NO_NORMALISATION_STD,
-            ),
+            reference=PATHODUET_REFERENCE,
+            preprocess=PATHODUET_PREPROCESS,
             stain="HE",
         ),
     ),
@@ -65,10 +66,7 @@ CARDS = (
         summary="PathoDuet (Hua et al. 2024) IHC model: ViT-B/16 with a pretext token",
         weights=WeightFile(
             file_name="checkpoint_IHC.pth",
-            source=(
-                "the PathoDuet README (github.com/openmedlab/PathoDuet): the Google Drive folder "
-                "it links, file checkpoint_IHC.pth"
-            ),
+            source=PATHODUET_SOURCE,
             container="bare state dict (151 keys, no head)",
         ),
         role=TileEncoderRole(
@@ -77,14 +75,8 @@ CARDS = (
             tile_px=224,
             tile_mpp=0.5,
             trained_stains=("HE", "IHC"),
-            reference="PathoDuet patch benchmark (NCT-CRC-HE): 224 px at 0.5 µm/px",
-            preprocess=ImagePreprocess(
-                resize=256,
-                crop=224,
-                interpolation="bilinear",
-                mean=NO_NORMALISATION_MEAN,
-                std=NO_NORMALISATION_STD,
-            ),
+            reference=PATHODUET_REFERENCE,
+            preprocess=PATHODUET_PREPROCESS,
             stain="IHC",
         ),
     ),
