@@ -36,8 +36,8 @@ demo: demo-data
 	$(SNAKEMAKE) --workflow-profile profiles/local --cores $(CORES)
 	$(SNAKEMAKE) --workflow-profile profiles/local --report results/report.html
 
-# The EAGLE paper's comparison (EAGLE, its k ablation, CHIEF, mean pooling of CTransPath,
-# Prov-GigaPath and PathoDuet, the Prov-GigaPath slide encoder) on the demo cohort.
+# The EAGLE paper's comparison grid on the demo cohort (EAGLE and its k ablation, CHIEF,
+# Prov-GigaPath, TITAN, MADELEINE, PRISM, COBRA and mean pooling, at demo magnifications).
 COMPARISON := --configfile config/config.yaml config/comparison.yaml
 comparison: demo-data
 	$(SNAKEMAKE) --workflow-profile profiles/local --cores $(CORES) $(COMPARISON)

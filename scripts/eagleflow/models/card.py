@@ -20,9 +20,10 @@ Snakefile plans without torch). Adding a model is adding its file: nothing else 
 
 Runtime interfaces by role:
 - tile encoder: `model(x)` with x the card's preprocessing of uint8 tiles -> [B, role.dim];
-- slide encoder: `model.encode_bag(feats, cells, tile_encoder)` with feats [N, D] float32,
-  cells [N, 2] int64 (x, y) tile cells on the bag's canvas (no two tiles in one cell), tokens in
-  the order given, `tile_encoder` the name of the tile encoder that made feats -> [role.dim].
+- slide encoder: `model.encode_bag(feats, cells, tile_encoder, **options)` with feats [N, D]
+  float32, cells [N, 2] int64 (x, y) tile cells on the bag's canvas (no two tiles in one cell),
+  tokens in the order given, `tile_encoder` the name of the tile encoder that made feats, and
+  the model's own options from `slide_encoders.<name>` (gigapath_slide: layer) -> [role.dim].
 """
 
 from __future__ import annotations
