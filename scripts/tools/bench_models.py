@@ -8,7 +8,9 @@ and 10,000 tiles (time and peak host memory) and their fp32 rounding.
 3. Per slide encoder, `encode_bag` over L tiles (default 2,000 and 10,000) on a square grid of
    cells, in a fresh process each: load, forward wall time, peak host memory (VmHWM) before
    and after.
-4. Per slide encoder, max |fp32 - fp64| of `encode_bag` on the same 2,000 tiles.
+4. Per slide encoder, max |fp32 - fp64| of `encode_bag` on the same 2,000 tiles, and the
+   largest |bf16 autocast - fp32| relative to the largest |value| (CPU autocast: what CUDA's
+   bf16 path rounds, measured without a GPU).
 
     .venv/bin/python scripts/tools/bench_models.py                         # everything
     .venv/bin/python scripts/tools/bench_models.py --part slide --models titan prism
@@ -174,17 +176,25 @@ def bench_slide(encoders: list[str], tiles: list[int], threads: int) -> None:
 
 
 def bench_precision(encoders: list[str], n: int) -> None:
-    print(f"\n## slide encoders fp32 vs fp64 (demo weights, {n} tiles)")
-    print(" | ".join(f"{h:>14}" for h in ("encoder", "max |32-64|", "max |value|")))
+    print(f"\n## slide encoders: fp32 vs fp64 and bf16 autocast vs fp32 (demo weights, {n} tiles)")
+    header = ("encoder", "max |32-64|", "bf16 rel. err", "max |value|")
+    print(" | ".join(f"{h:>14}" for h in header))
     for encoder in encoders:
         model = load_model(SLIDE_ENCODERS[encoder].model, "demo")
         feats, cells, tile_encoder = slide_input(encoder, n, seed=1)
         with torch.inference_mode():
-            low = model.encode_bag(feats, cells, tile_encoder).double()
+            single = model.encode_bag(feats, cells, tile_encoder).double()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = model.encode_bag(feats, cells, tile_encoder).double()
             model.double()
-            high = model.encode_bag(feats.double(), cells, tile_encoder)
-        diff = (low - high).abs().max().item()
-        print(" | ".join((f"{encoder:>14}", f"{diff:>14.2e}", f"{high.abs().max().item():>14.3f}")))
+            double = model.encode_bag(feats.double(), cells, tile_encoder)
+        scale = double.abs().max().item()
+        values = (
+            f"{(single - double).abs().max().item():>14.2e}",
+            f"{(half - single).abs().max().item() / scale:>14.4f}",
+            f"{scale:>14.3f}",
+        )
+        print(" | ".join((f"{encoder:>14}", *values)))
 
 
 def main() -> None:

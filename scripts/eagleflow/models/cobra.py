@@ -174,7 +174,7 @@ SIGNATURE_KEYS = (
 # weighted mean in fp32) against fp32: max |diff| of the embedding / max |embedding| was 0.0136
 # (COBRA-II) and 0.0094 (COBRA-I) at 2,000 tiles, 0.0101 and 0.0094 at 10,000, with full-size
 # demo weights on zero-mean random features (the pessimistic case: their weighted mean nearly
-# cancels), measured with CPU autocast (scripts/tools/bench_cobra.py; no GPU measured). fp32 vs
+# cancels), measured with CPU autocast (scripts/tools/bench_models.py; no GPU measured). fp32 vs
 # fp64 there: max |diff| 2.1e-7 (max |embedding| 0.13).
 BF16_TOLERANCE = 0.02
 # Demo weights: the trained model ranks tiles over a few logits; unit-gain random weights give

@@ -104,7 +104,7 @@ SIGNATURE_KEYS = (
     "ln_contrast.weight",
 )
 # Speed, CPU fp32, 2 threads, batch 8 at 448: 8.9 s per tile at load average ~2-6 (12.5 s at
-# ~9) on the shared 2-core machine (scripts/tools/bench_titan.py); build + strict load of the 1.2 GB file 0.2 s.
+# ~9) on the shared 2-core machine (scripts/tools/bench_models.py); build + strict load of the 1.2 GB file 0.2 s.
 # bf16 autocast vs fp32 (CPU autocast) on the tests' 4-block twin at 448 (256-d trunk, weights
 # near unit gain): max |diff| of the LayerNormed 768-d embedding 0.019 (values up to 3.6), cosine
 # >= 0.99998; fp32 vs fp64 1.3e-6 there. The full 24 blocks were not measured in bf16 (2 cores);

@@ -43,7 +43,7 @@ Patient level: STAMP concatenates all of a patient's slides' tiles and runs one 
 no autocast: the model is already half); TRIDENT is slide-level only; the EAGLE paper files PRISM
 under 0.5 µm/px. Here a bag is a slide or a patient's slides, in one pass (cells unused).
 
-Speed on 2 CPU cores in fp32 (scripts/tools/bench_prism.py, demo weights, load average 5-7 on
+Speed on 2 CPU cores in fp32 (scripts/tools/bench_models.py, demo weights, load average 5-7 on
 the 2 cores): one bag of 2,000 tiles in 22 s with 1.2 GB peak host memory, 10,000 tiles in 28 s
 with 1.5 GB. The 48 self-attention blocks over 513 latents (~0.6 TFLOP) dominate whatever the
 bag size; the tiles cost two to_kv projections and 8 cross-attentions (k, v: 200 MB at 10,000).

@@ -50,7 +50,7 @@ which its README requires for TITAN). Our stage does STAMP's single pass: it put
 slides side by side on one canvas of cells with empty cells between them; the gap only lowers
 the cross-slide attention (larger distances), and no two tiles can share a cell.
 
-Speed and memory, CPU fp32, 2 threads (scripts/tools/bench_titan.py): see the note above
+Speed and memory, CPU fp32, 2 threads (scripts/tools/bench_models.py): see the note above
 BF16_TOLERANCE below.
 """
 
@@ -119,7 +119,7 @@ BIAS_BLOCK_BYTES = 1 << 26
 # fp32 vs fp64: 6e-7 (twin). Stated bound for half precision:
 BF16_TOLERANCE = 0.05
 # CPU fp32, torch.set_num_threads(2), demo weights, a blob of tissue cells with holes, one
-# encode_bag in a fresh process (scripts/tools/bench_titan.py), shared 2-core machine: 2,000
+# encode_bag in a fresh process (scripts/tools/bench_models.py), shared 2-core machine: 2,000
 # tiles 1.8 s, peak RSS 1.15 GB; 10,000 tiles 50 s, peak RSS 1.43 GB (load average 1-2; at load
 # ~7: 10 s and 198 s). 0.93 GB of the peak is there before the call (torch, the model and its
 # demo weights). The original's bias alone would take ~12 GB at 10,000 tiles.

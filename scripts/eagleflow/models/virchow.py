@@ -23,7 +23,7 @@ crop, ImageNet mean/std): Resize(224, bicubic) -> CenterCrop(224) -> [0, 1] -> I
 normalisation. Reference grid: 224 px tiles at 20x, 0.5 µm/px (TRIDENT and prism-embedder, which
 make PRISM's input there); Virchow was trained on H&E only.
 
-Speed and precision on 2 CPU cores in fp32 (scripts/tools/bench_prism.py, demo weights, load
+Speed and precision on 2 CPU cores in fp32 (scripts/tools/bench_models.py, demo weights, load
 average ~8 on the 2 cores): 7.4 s per tile at batch 8. fp32 vs fp64: max 2.1e-5 (values up to
 3.7). Users run fp16 autocast on CUDA (TRIDENT); CPU bf16 autocast vs fp32: max 0.16, 4.2 % of the
 largest value (cosine 0.9993) on the full-size demo model (LayerScale 1, harsher than trained
