@@ -94,8 +94,8 @@ def test_chief_patient_merge_equals_chief_on_all_tiles():
     records = []
     for i, part in enumerate(parts):
         record = SlideRecord(f"S{i}", "P", "C", "HE")
-        record.chief = part.slide_embedding.numpy()
-        record.logsumexp = float(torch.logsumexp(part.attention_raw, 0))
+        record.chief["chief"] = part.slide_embedding.numpy()
+        record.logsumexp["chief"] = float(torch.logsumexp(part.attention_raw, 0))
         records.append(record)
     np.testing.assert_allclose(chief_embedding(records), whole.slide_embedding.numpy(), atol=1e-5)
     means = weighted_mean([b.mean(0).numpy() for b in bags], [len(b) for b in bags])
