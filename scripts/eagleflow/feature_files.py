@@ -1,6 +1,6 @@
 """Tile-feature H5 files that our stages and STAMP v2 both read correctly as they are.
 
-Layout (format `eagleflow.features/2`), one file per slide and tile encoder:
+Layout (format `eagleflow.features/3`), one file per slide and tile encoder:
 
 - `feats` (N, D) float32: one embedding per tile, rows in the tiles file's order.
 - `coords` (N, 2) float64: top-left corner (x, y) of each tile in µm at level 0

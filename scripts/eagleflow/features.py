@@ -46,6 +46,11 @@ GEOMETRY_ATTRS = (
     "effective_mpp",
     "read_level",
     "read_level_downsample",
+    # how the tiles sit on the read level's pixels (eagleflow.tiling placement_attrs)
+    "coord_placement",
+    "read_level_factor",
+    "coords_max_offset_level0_px",
+    "coords_max_offset_openslide_level0_px",
 )
 
 
