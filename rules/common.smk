@@ -81,16 +81,16 @@ SELECTION_SUFFIXES = [
     for instance in TILE_INSTANCES.values()
     if instance.encoder == SELECTION_ENCODER
 ]
-CHIEF_NAMES = ["chief" + suffix for suffix in SELECTION_SUFFIXES]
+CHIEF_NAMES = [f"chief{suffix}" for suffix in SELECTION_SUFFIXES]
 EAGLE_ENCODERS = as_list(config["eagle"]["encoder"])
 EAGLE_INSTANCES = [
-    encoder + suffix for suffix in SELECTION_SUFFIXES for encoder in EAGLE_ENCODERS
+    f"{encoder}{suffix}" for suffix in SELECTION_SUFFIXES for encoder in EAGLE_ENCODERS
 ]
 TOP_KS = [int(k) for k in as_list(config["eagle"]["top_k"])]
 SLIDE_ENCODER_CONFIG = slide_encoder_settings(config.get("slide_encoders"))
 # slide encoder instance -> the tile-encoder instance it reads
 SLIDE_ENCODER_INSTANCES = {
-    name + instance.suffix: instance.name
+    f"{name}{instance.suffix}": instance.name
     for name, settings in SLIDE_ENCODER_CONFIG.items()
     for instance in TILE_INSTANCES.values()
     if instance.encoder == settings["tile_encoder"]
@@ -209,10 +209,10 @@ def instance_suffix(instance):
 
 def selection_fields(suffix):
     """The selection instance of a grid suffix: its features, CHIEF and tiles folders."""
-    selection = SELECTION_ENCODER + suffix
+    selection = f"{SELECTION_ENCODER}{suffix}"
     return {
         "selection": selection,
-        "chief": "chief" + suffix,
+        "chief": f"chief{suffix}",
         "selection_grid": ENCODER_GRIDS[selection].name,
     }
 
