@@ -19,7 +19,7 @@ rule attention_chief:
         mem_mb=4000,
         runtime=30,
     params:
-        code=stage_code_digest("attention_chief", ("chief",)),
+        code=stage_code_digest("attention_chief", model_files(["chief"])),
         slides=batch_params(
             features="results/features/{selection}/{slide}.h5",
             output="results/attention/{chief}/{slide}.h5",

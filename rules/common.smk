@@ -34,6 +34,7 @@ from eagleflow.encoders import (  # noqa: E402
 )
 from eagleflow.tasks import validate_tasks  # noqa: E402
 from eagleflow.provenance import stage_code_digest  # noqa: E402
+from eagleflow.models.catalog import model_files  # noqa: E402
 from eagleflow.weights import check_weights_config  # noqa: E402
 
 CONFIG_SCHEMA = Path(workflow.basedir) / "config" / "schemas" / "config.schema.yaml"
@@ -271,7 +272,7 @@ def model_stage_code(stage):
 
     def code(wildcards):
         models = TILE_ENCODERS[base_name(wildcards.encoder)].models_for(STAINS)
-        return stage_code_digest(stage, tuple(models))
+        return stage_code_digest(stage, model_files(models))
 
     return code
 
@@ -348,7 +349,7 @@ def slide_encoder_model_settings(wildcards):
 def slide_encoder_code(wildcards):
     """The slide-encoder stage's code digest with its model's file."""
     model = SLIDE_ENCODERS[base_name(wildcards.slide_encoder)].model
-    return stage_code_digest("slide_encoders_encode_bags", (model,))
+    return stage_code_digest("slide_encoders_encode_bags", model_files([model]))
 
 
 def slide_encoder_inputs(wildcards):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from eagleflow.encoders import Grid
+from eagleflow.grids import Grid
 from eagleflow.logutil import run_rule
 from eagleflow.tiling import run_tiling
 

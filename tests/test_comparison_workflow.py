@@ -131,7 +131,7 @@ def test_adding_a_magnification_tiles_once_and_removing_one_recomputes_nothing(g
         assert any(f"results/{new}/batches/" in word for word in planned), new
     # removing CONCH v1's 4 µm/px: nothing upstream of the cohort tables
     removed = work / "config" / "removed.yaml"
-    removed.write_text("tile_encoders:\n  conch_v1:\n    grids: [{tile_mpp: 2.0}]\n")
+    removed.write_text("tile_encoders:\n  conch_v1:\n    grids: [{tile_px: 224, tile_mpp: 2.0}]\n")
     counts = job_counts(plan(work, "config/removed.yaml").stdout)
     upstream = (
         "tiling_tile_slide",

@@ -14,7 +14,7 @@ import pytest
 import eagleflow.h5io as h5io
 import eagleflow.tiling as tiling
 from eagleflow.demo import make_demo_cohort
-from eagleflow.encoders import Grid
+from eagleflow.grids import Grid
 from eagleflow.h5io import FormatError, read_tiles, validate_tiles
 from eagleflow.slides import SlideError
 from eagleflow.tiling import TilingParams, qc_image, run_tiling, tile_slide, tile_slide_grids

@@ -67,13 +67,13 @@ def is_up_to_date(
 
 
 def stage_params_sha256(
-    stage: str, weights_sha256: str, models: tuple[str, ...] = (), **settings: Any
+    stage: str, weights_sha256: str, model_files: tuple[str, ...] = (), **settings: Any
 ) -> str:
-    """What a stage's per-slide outputs are made with: its code (with the files of the `models`
-    it runs), its weights, its settings."""
+    """What a stage's per-slide outputs are made with: its code (with the `model_files` it
+    runs), its weights, its settings."""
     from eagleflow.provenance import stage_code_digest
 
-    code = stage_code_digest(stage, tuple(models))
+    code = stage_code_digest(stage, tuple(model_files))
     return digest({"code": code, "weights_sha256": weights_sha256, **settings})
 
 

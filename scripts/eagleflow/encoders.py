@@ -7,12 +7,12 @@ with the same grid share one tiles file. The embeddings are what the heads compa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from eagleflow.errors import EagleflowError
+from eagleflow.grids import Grid
 from eagleflow.models.card import ANY_STAIN
 from eagleflow.models.catalog import (
     slide_encoder_models,
@@ -28,31 +28,6 @@ SELECTION_ENCODER = "ctranspath"
 
 class EncoderConfigError(EagleflowError, ValueError):
     """The tile_encoders, eagle or slide_encoders section names something that cannot run."""
-
-
-@dataclass(frozen=True, order=True)
-class Grid:
-    """A tiling: square tiles of `tile_px` pixels at `tile_mpp` µm/px."""
-
-    tile_px: int
-    tile_mpp: float
-
-    @property
-    def name(self) -> str:
-        """The grid's folder name, e.g. 224px_2mpp or 256px_0.5mpp."""
-        return f"{self.tile_px}px_{self.tile_mpp:g}mpp"
-
-    @classmethod
-    def from_name(cls, name: str) -> Grid:
-        """The grid a folder name says (`224px_2mpp` -> Grid(224, 2.0))."""
-        found = re.fullmatch(r"(\d+)px_(\d+(?:\.\d+)?(?:e-?\d+)?)mpp", name)
-        if found is None:
-            raise ValueError(f"{name!r} is not a grid name like 224px_2mpp")
-        return cls(int(found.group(1)), float(found.group(2)))
-
-    @property
-    def tile_size_um(self) -> float:
-        return self.tile_px * self.tile_mpp
 
 
 @dataclass(frozen=True)

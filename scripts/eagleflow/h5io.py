@@ -190,7 +190,7 @@ def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def write_tiles(path: str | os.PathLike[str], table: Any, provenance: Mapping[str, Any]) -> None:
     """Write a tiling.TileTable: coords (N, 2) int64 level-0 (x, y), plus per-tile scores."""
-    from eagleflow.encoders import Grid
+    from eagleflow.grids import Grid
 
     info, params = table.info, table.params
     attrs: dict[str, Any] = {
@@ -241,7 +241,7 @@ def read_tiles(path: str | os.PathLike[str], grid: Any = None) -> tuple[np.ndarr
 
 def validate_tiles(path: str | os.PathLike[str], grid: Any = None) -> dict[str, Any]:
     """Check a tiles file; with `grid` (an encoders.Grid), also that its tiles are of that grid."""
-    from eagleflow.encoders import Grid
+    from eagleflow.grids import Grid
 
     attrs = validate_h5(
         path,

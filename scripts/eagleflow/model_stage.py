@@ -17,6 +17,7 @@ import numpy as np
 
 from eagleflow.batches import is_up_to_date, stage_params_sha256, write_manifest
 from eagleflow.h5io import write_h5
+from eagleflow.models.catalog import model_files
 from eagleflow.provenance import provenance_attrs
 from eagleflow.weights import WeightsInfo, resolve_configured, weights_attrs
 
@@ -122,7 +123,7 @@ def run_model_stage(
     needed = list(dict.fromkeys(model_of(slide) for slide in slides))
     infos = {name: resolve_configured(name, models_cfg[name]) for name in needed}
     params_sha256 = {
-        name: stage_params_sha256(rule, str(infos[name].sha256), (name,), **settings)
+        name: stage_params_sha256(rule, str(infos[name].sha256), model_files([name]), **settings)
         for name in needed
     }
     todo = []
@@ -163,7 +164,7 @@ def run_model_stage(
                     "precision": precision(torch_device),
                     "params_sha256": pending.params_sha256,
                     "input_sha256": str(pending.input_attrs["content_sha256"]),
-                    **provenance_attrs(rule, dict(settings), (pending.model,)),
+                    **provenance_attrs(rule, dict(settings), model_files([pending.model])),
                 },
             )
             log.info("%s: %s -> %s", pending.slide["slide_id"], what, pending.slide["output"])

@@ -33,7 +33,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def code_version(stage: str | None = None, models: tuple[str, ...] = ()) -> str:
+def code_version(stage: str | None = None, model_files: tuple[str, ...] = ()) -> str:
     """A string that changes whenever the code that produced an output changes.
 
     With a stage (a rule name), the digest covers the modules that stage runs; without one, the
@@ -43,17 +43,17 @@ def code_version(stage: str | None = None, models: tuple[str, ...] = ()) -> str:
     suffix = f"+git.{commit}" if commit else ""
     if stage is None:
         return f"eagleflow {__version__} src.{package_digest()}{suffix}"
-    return f"eagleflow {__version__} {stage}.{stage_code_digest(stage, models)}{suffix}"
+    return f"eagleflow {__version__} {stage}.{stage_code_digest(stage, model_files)}{suffix}"
 
 
 def provenance_attrs(
-    stage: str, params: dict[str, Any] | None = None, models: tuple[str, ...] = ()
+    stage: str, params: dict[str, Any] | None = None, model_files: tuple[str, ...] = ()
 ) -> dict[str, str]:
-    """Attributes every output carries: stage, code version (with the files of the `models` it
-    ran), creation time and parameters (JSON)."""
+    """Attributes every output carries: stage, code version (with the `model_files` it ran),
+    creation time and parameters (JSON)."""
     return {
         "eagleflow_stage": stage,
-        "code_version": code_version(stage, models),
+        "code_version": code_version(stage, model_files),
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "params_json": json.dumps(params or {}, sort_keys=True, default=str),
     }
@@ -123,23 +123,19 @@ def _static_closure(entries: list[Path]) -> set[Path]:
 
 
 @functools.cache
-def stage_modules(stage: str, models: tuple[str, ...] = ()) -> tuple[str, ...]:
+def stage_modules(stage: str, model_files: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Package modules (paths relative to the package) that the rule `stage` runs, sorted.
 
     A model stage loads its models by name (`eagleflow.models.loading` imports the model's file at
-    run time, which no import statement shows): `models` names the ones a job of it runs, and
-    their files count with what those files import. So adding or editing one model's file
-    replans only the stages that run that model.
+    run time, which no import statement shows): `model_files` are the files of the models a job
+    of it runs (`eagleflow.models.catalog.model_files`), and they count with what they import.
+    So adding or editing one model's file replans only the stages that run that model.
     """
     entry = SCRIPTS_DIR / f"{stage}.py"
     if not entry.is_file():
         raise KeyError(f"no rule script {entry} for stage {stage!r}")
-    model_files = []
-    if models:
-        from eagleflow.models.catalog import catalog
-
-        model_files = [catalog().module_file(name) for name in models]
-    found = _static_closure([entry]) | _static_closure(model_files) | set(model_files)
+    models = [PACKAGE_DIR / path for path in model_files]
+    found = _static_closure([entry]) | _static_closure(models) | set(models)
     return tuple(sorted(m.relative_to(PACKAGE_DIR).as_posix() for m in found))
 
 
@@ -152,15 +148,15 @@ def _digest_files(paths: list[Path], root: Path) -> str:
 
 
 @functools.cache
-def stage_code_digest(stage: str, models: tuple[str, ...] = ()) -> str:
+def stage_code_digest(stage: str, model_files: tuple[str, ...] = ()) -> str:
     """SHA-256 (16 hex digits) of the rule script of `stage`, the package modules it runs and
-    the files of the `models` its job runs.
+    the `model_files` its job runs.
 
     A rule passes it through `params:`, so editing a module a stage runs plans that stage and its
     downstream, and nothing else; batch stages also fold it into the digest that decides whether a
     finished slide can be kept.
     """
-    modules = stage_modules(stage, tuple(models))
+    modules = stage_modules(stage, tuple(model_files))
     files = [SCRIPTS_DIR / f"{stage}.py"] + [PACKAGE_DIR / m for m in modules]
     return _digest_files(files, SCRIPTS_DIR)[:16]
 

@@ -14,7 +14,7 @@ import numpy as np
 import openslide
 from tqdm import tqdm
 
-from eagleflow.encoders import Grid
+from eagleflow.grids import Grid
 from eagleflow.h5io import atomic_write_bytes
 from eagleflow.mpp import DEFAULT_MPP_RANGE, check_mpp_settings
 from eagleflow.slides import (

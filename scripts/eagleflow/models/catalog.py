@@ -189,6 +189,13 @@ def model_names() -> tuple[str, ...]:
     return catalog().names
 
 
+def model_files(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The files (relative to the package, `models/titan.py`) of these models, for the code
+    digest of a stage that runs them (`eagleflow.provenance.stage_code_digest`)."""
+    cat = catalog()
+    return tuple(f"models/{cat.module_file(name).name}" for name in names)
+
+
 def model_module(name: str) -> str:
     """The dotted module implementing model `name`."""
     cat = catalog()
