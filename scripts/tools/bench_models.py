@@ -59,12 +59,18 @@ def peak_rss_gb() -> float:
 
 
 def write_checkpoint(name: str, path: Path) -> None:
-    """Seeded random weights of `name` in its published container (the model's key layout)."""
+    """Seeded random weights of `name` in its published container and key names."""
     model = build_model(name)
     demo = model_function(name, "demo_state_dict") or random_state_dict
-    state_dict = demo(model, demo_seed(name))
+    in_file = model_function(name, "published_key") or (lambda key: key)
+    state_dict = {in_file(k): v for k, v in demo(model, demo_seed(name)).items()}
     key = REGISTRY[name].state_dict_key
-    torch.save(state_dict if key is None else {key: state_dict}, path)
+    if path.suffix == ".safetensors":  # TITAN and PRISM publish safetensors (flat, no container)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().clone() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save(state_dict if key is None else {key: state_dict}, path)
 
 
 def slide_input(encoder: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
