@@ -28,6 +28,8 @@ from eagleflow.encoders import (  # noqa: E402
     check_embedding_names,
     check_encoder_config,
     configured_embeddings,
+    instance_base,
+    instance_suffix,
     required_models,
     slide_encoder_settings,
     tile_encoder_instances,
@@ -198,16 +200,6 @@ def batch_inputs(pattern, **fixed):
     return inputs
 
 
-def base_name(instance):
-    """`virchow2@0.5mpp` -> `virchow2`: the encoder (or model) of an instance."""
-    return instance.split("@", 1)[0]
-
-
-def instance_suffix(instance):
-    """`virchow2@0.5mpp` -> `@0.5mpp`; "" for an encoder's first grid."""
-    return instance[len(base_name(instance)) :]
-
-
 def selection_fields(suffix):
     """The selection instance of a grid suffix: its features, CHIEF and tiles folders."""
     selection = f"{SELECTION_ENCODER}{suffix}"
@@ -258,7 +250,7 @@ def encoder_models(encoder):
     """The `models:` settings of an encoder's (or instance's) models for the sheet's stains."""
     return {
         name: config["models"][name]
-        for name in TILE_ENCODERS[base_name(encoder)].models_for(STAINS)
+        for name in TILE_ENCODERS[instance_base(encoder)].models_for(STAINS)
     }
 
 
@@ -271,7 +263,7 @@ def model_stage_code(stage):
     (adding or editing another model's file replans nothing here)."""
 
     def code(wildcards):
-        models = TILE_ENCODERS[base_name(wildcards.encoder)].models_for(STAINS)
+        models = TILE_ENCODERS[instance_base(wildcards.encoder)].models_for(STAINS)
         return stage_code_digest(stage, model_files(models))
 
     return code
@@ -291,7 +283,7 @@ def eagle_params():
 def patient_bags(name):
     """Slide-encoder bags: per patient and stain (early fusion: one pass over its slides), or
     per slide (late fusion: the patient's embedding is the mean of its slides')."""
-    fusion = SLIDE_ENCODER_CONFIG[base_name(name)]["fusion"]
+    fusion = SLIDE_ENCODER_CONFIG[instance_base(name)]["fusion"]
     bags = {}
     for slide in sorted(SLIDES.index):
         bag = (
@@ -335,20 +327,20 @@ def slide_encoder_settings_of(wildcards):
     """The job's slide-encoder settings (its instance's tile encoder included)."""
     name = wildcards.slide_encoder
     return {
-        **SLIDE_ENCODER_CONFIG[base_name(name)],
-        "tile_encoder": base_name(SLIDE_ENCODER_INSTANCES[name]),
+        **SLIDE_ENCODER_CONFIG[instance_base(name)],
+        "tile_encoder": instance_base(SLIDE_ENCODER_INSTANCES[name]),
     }
 
 
 def slide_encoder_model_settings(wildcards):
     """The `models:` settings of the job's slide encoder."""
-    model = SLIDE_ENCODERS[base_name(wildcards.slide_encoder)].model
+    model = SLIDE_ENCODERS[instance_base(wildcards.slide_encoder)].model
     return config["models"].get(model, {})
 
 
 def slide_encoder_code(wildcards):
     """The slide-encoder stage's code digest with its model's file."""
-    model = SLIDE_ENCODERS[base_name(wildcards.slide_encoder)].model
+    model = SLIDE_ENCODERS[instance_base(wildcards.slide_encoder)].model
     return stage_code_digest("slide_encoders_encode_bags", model_files([model]))
 
 

@@ -43,7 +43,7 @@ rule embeddings_collect:
         eagle={
             "aggregation": config["eagle"]["aggregation"],
             "slide_encoder_fusion": {
-                name: SLIDE_ENCODER_CONFIG[base_name(name)]["fusion"]
+                name: SLIDE_ENCODER_CONFIG[instance_base(name)]["fusion"]
                 for name in SLIDE_ENCODER_INSTANCES
             },
         },

@@ -1,9 +1,10 @@
 """Rule features_encode_tiles: one batch of slides -> one tile encoder's features H5 per slide."""
 
+from eagleflow.encoders import instance_base
 from eagleflow.features import run_tile_encoder_batch, runtime_settings
 from eagleflow.logutil import run_rule
 
-encoder = snakemake.wildcards.encoder.split("@", 1)[0]  # ctranspath@0.5mpp -> ctranspath
+encoder = instance_base(snakemake.wildcards.encoder)  # ctranspath@0.5mpp -> ctranspath
 settings = snakemake.config["tile_encoders"][encoder] or {}
 run_rule(
     snakemake.log[0],

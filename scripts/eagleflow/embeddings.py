@@ -299,7 +299,7 @@ def compute_row(
     n = max(len(records), 1)
     return {
         "embedding": spec.name,
-        "base": spec.name.split("@", 1)[0],
+        "base": spec.base,
         "kind": spec.kind,
         "description": spec.description,
         "tile_px": tile_px or None,

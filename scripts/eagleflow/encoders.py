@@ -193,6 +193,16 @@ class TileInstance:
     suffix: str
 
 
+def instance_base(name: str) -> str:
+    """`virchow2@0.5mpp` -> `virchow2`: the encoder (or slide encoder) of an instance name."""
+    return name.split("@", 1)[0]
+
+
+def instance_suffix(name: str) -> str:
+    """`virchow2@0.5mpp` -> `@0.5mpp`; "" for an encoder's first grid."""
+    return name[len(instance_base(name)) :]
+
+
 def grid_suffix(grid: Grid, grids: Sequence[Grid]) -> str:
     """`@<mpp>mpp`, or `@<px>px_<mpp>mpp` where the encoder has two grids at that µm/px."""
     same_mpp = [g for g in grids if g.tile_mpp == grid.tile_mpp]
@@ -255,11 +265,6 @@ def tile_encoder_instances(
             suffix = "" if i == 0 else grid_suffix(grid, grids)
             instances[name + suffix] = TileInstance(name + suffix, name, grid, suffix)
     return instances
-
-
-def tile_encoder_grids(tile_encoders: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Grid]:
-    """Tile-encoder instance -> its grid (the card's reference unless the config says other)."""
-    return {name: inst.grid for name, inst in tile_encoder_instances(tile_encoders).items()}
 
 
 def eagle_embedding_name(encoder: str, k: int, encoders: Sequence[str], ks: Sequence[int]) -> str:

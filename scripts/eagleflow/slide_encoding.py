@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from eagleflow.batches import digest
-from eagleflow.encoders import SLIDE_ENCODERS, TILE_ENCODERS, slide_encoder_input
+from eagleflow.encoders import FUSIONS, SLIDE_ENCODERS, TILE_ENCODERS, slide_encoder_input
 from eagleflow.errors import EagleflowError
 from eagleflow.feature_files import FEATURES_FORMAT, read_tile_features
 from eagleflow.h5io import FormatError, read_attrs
@@ -46,7 +46,6 @@ SLIDE_EMBEDDING_SHAPES: dict[str, tuple[int | str | None, ...]] = {
 }
 SHELF_WIDTH = 1000  # canvas cells per shelf (Prov-GigaPath's grid side)
 SLIDE_GAP = 1  # empty cells between two slides of a bag (and between shelves)
-FUSIONS = ("early", "late")
 # Settings the stage reads itself; the others go to the model's encode_bag.
 STAGE_SETTINGS = ("fusion", "tile_encoder", "device")
 LAYOUT = (

@@ -18,7 +18,6 @@ from typing import Any
 
 from eagleflow.errors import EagleflowError
 from eagleflow.models.card import (
-    ANY_STAIN,
     CARD_CLASSES,
     CARD_CONSTANTS,
     INTERPOLATIONS,
@@ -30,7 +29,6 @@ from eagleflow.models.card import (
 MODELS_DIR = Path(__file__).resolve().parent
 MODELS_PACKAGE = "eagleflow.models"
 CARD_NAMES = ("CARD", "CARDS")
-DEFAULT_STAIN = "HE"
 
 
 class CardError(EagleflowError, ValueError):
@@ -228,9 +226,3 @@ def slide_encoder_models() -> dict[str, tuple[str, SlideEncoderRole]]:
         for card in catalog().cards.values()
         if card.slide_role is not None
     }
-
-
-def model_for_stain(encoder: str, stain: str) -> str:
-    """The model of tile encoder `encoder` that embeds slides of `stain`."""
-    models = tile_encoder_models(encoder)
-    return models.get(stain, models.get(ANY_STAIN, models.get(DEFAULT_STAIN, "")))
